@@ -1,0 +1,284 @@
+"""Dump and restore the portal's database: PostgreSQL through pg_dump/psql, SQLite through its
+online backup API. Both write through ``gz`` and report uncompressed bytes as they go."""
+
+import hashlib
+import os
+import re
+import shutil
+import sqlite3
+import subprocess
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from django.conf import settings
+from django.db import connection
+
+from trusca.backups import gz
+
+Progress = Callable[[int], None]
+
+
+class DatabaseError(Exception):
+    pass
+
+
+def engine() -> str:
+    return "postgresql" if connection.vendor == "postgresql" else "sqlite"
+
+
+def size() -> int:
+    if engine() == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_database_size(current_database())")
+            return cursor.fetchone()[0]
+    path = Path(settings.DATABASES["default"]["NAME"])
+    return sum(p.stat().st_size for p in (path, Path(f"{path}-wal")) if p.exists())
+
+
+def dump(path: Path, *, progress: Progress) -> dict:
+    if engine() == "postgresql":
+        return _pg_dump(path, progress)
+    return _sqlite_dump(path, progress)
+
+
+def restore(path: Path, *, expected: dict, progress: Progress) -> None:
+    """Load a dump in one transaction. It commits only once every byte was read and the file's
+    sha256 matched ``expected``: a reader killed or a file swapped underneath rolls back."""
+    connection.close()
+    if engine() == "postgresql":
+        _psql_restore(path, expected, progress)
+    else:
+        _sqlite_restore(path, expected, progress)
+
+
+# PostgreSQL ----------------------------------------------------------------------------------
+
+def _pg_env() -> dict[str, str]:
+    # Everything, the password above all, goes through the environment: nothing shows in `ps`.
+    db = settings.DATABASES["default"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    pairs = {"PGDATABASE": db["NAME"], "PGUSER": db.get("USER"), "PGPASSWORD": db.get("PASSWORD"),
+             "PGHOST": db.get("HOST"), "PGPORT": str(db.get("PORT") or "")}
+    env.update({k: str(v) for k, v in pairs.items() if v})
+    sslmode = db.get("OPTIONS", {}).get("sslmode")
+    if sslmode:
+        env["PGSSLMODE"] = sslmode
+    env["PGAPPNAME"] = "trusca-backup"
+    return env
+
+
+def _tool(name: str) -> str:
+    found = shutil.which(name)
+    if not found:
+        raise DatabaseError(f"{name} is not installed; install the PostgreSQL client (e.g. apt install postgresql-client)")
+    return found
+
+
+def _client_major(tool: str) -> int:
+    out = subprocess.run([tool, "--version"], capture_output=True, text=True, check=True).stdout
+    match = re.search(r"(\d+)(?:\.\d+)?", out)
+    if not match:
+        raise DatabaseError(f"cannot read the version of {tool} from {out.strip()!r}")
+    return int(match.group(1))
+
+
+def _server_major() -> int:
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW server_version_num")
+        return int(cursor.fetchone()[0]) // 10000
+
+
+def check_pg_dump_version() -> None:
+    tool = _tool("pg_dump")
+    client, server = _client_major(tool), _server_major()
+    if client < server:
+        raise DatabaseError(
+            f"pg_dump {client} is older than the PostgreSQL {server} server and cannot dump it; "
+            f"install the PostgreSQL {server} client tools (postgresql-client-{server}) and run the backup again"
+        )
+
+
+def _stderr_tail(fh) -> str:
+    fh.seek(0)
+    lines = [line.strip() for line in fh.read().decode(errors="replace").splitlines() if line.strip()]
+    return "; ".join(lines[-3:]) or "no error output"
+
+
+def _pg_dump(path: Path, progress: Progress) -> dict:
+    check_pg_dump_version()
+    with tempfile.TemporaryFile() as stderr:
+        proc = subprocess.Popen(
+            [_tool("pg_dump"), "--clean", "--if-exists", "--no-password"],
+            stdout=subprocess.PIPE, stderr=stderr, env=_pg_env(),
+        )
+        try:
+            with gz.GzipFileWriter(path) as out:
+                while chunk := proc.stdout.read(gz.CHUNK):
+                    out.write(chunk)
+                    progress(len(chunk))
+        except BaseException:
+            proc.kill()
+            raise
+        finally:
+            proc.stdout.close()
+            returncode = proc.wait()
+        if returncode != 0:
+            raise DatabaseError(f"pg_dump exited with status {returncode}: {_stderr_tail(stderr)}")
+    return out.raw.entry()
+
+
+# Runs before the dump inside the restore's transaction. pg_dump --clean drops only what the dump
+# holds; tables made since (a newer migration's) must go too, so the result is exactly the backup.
+_DROP_EVERYTHING = """
+BEGIN;
+SET LOCAL lock_timeout = '60s';
+DO $trusca$
+DECLARE r record;
+BEGIN
+  FOR r IN SELECT format('%I.%I', schemaname, viewname) AS obj FROM pg_views
+           WHERE schemaname = current_schema() LOOP
+    EXECUTE 'DROP VIEW IF EXISTS ' || r.obj || ' CASCADE';
+  END LOOP;
+  FOR r IN SELECT format('%I.%I', schemaname, matviewname) AS obj FROM pg_matviews
+           WHERE schemaname = current_schema() LOOP
+    EXECUTE 'DROP MATERIALIZED VIEW IF EXISTS ' || r.obj || ' CASCADE';
+  END LOOP;
+  FOR r IN SELECT format('%I.%I', schemaname, tablename) AS obj FROM pg_tables
+           WHERE schemaname = current_schema() LOOP
+    EXECUTE 'DROP TABLE IF EXISTS ' || r.obj || ' CASCADE';
+  END LOOP;
+  FOR r IN SELECT format('%I.%I', sequence_schema, sequence_name) AS obj FROM information_schema.sequences
+           WHERE sequence_schema = current_schema() LOOP
+    EXECUTE 'DROP SEQUENCE IF EXISTS ' || r.obj || ' CASCADE';
+  END LOOP;
+END
+$trusca$;
+"""
+
+
+def _psql_restore(path: Path, expected: dict, progress: Progress) -> None:
+    # Not --single-transaction: psql commits that at end of input, and a reader killed halfway
+    # looks like end of input. Here COMMIT is sent only after the whole file was read and checked.
+    with tempfile.TemporaryFile() as stderr:
+        proc = subprocess.Popen(
+            [_tool("psql"), "--no-psqlrc", "--quiet", "--no-password", "-v", "ON_ERROR_STOP=1"],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=stderr, env=_pg_env(),
+        )
+        error = None
+        try:
+            proc.stdin.write(_DROP_EVERYTHING.encode())
+            reader = _HashingReader(path)
+            with gz.gzip_ng.open(reader, "rb") as dump:
+                while chunk := dump.read(gz.CHUNK):
+                    proc.stdin.write(chunk)
+                    progress(len(chunk))
+            if reader.entry() != expected:
+                error = f"{path.name} changed while it was being restored (checksum mismatch)"
+            else:
+                proc.stdin.write(b"\nCOMMIT;\n")
+        except BrokenPipeError:
+            pass  # psql stopped reading: its exit status and stderr say why
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        finally:
+            try:
+                proc.stdin.close()
+            except BrokenPipeError:
+                pass
+            returncode = proc.wait()
+        if returncode != 0:
+            raise DatabaseError(f"psql exited with status {returncode}: {_stderr_tail(stderr)}")
+        if error:
+            raise DatabaseError(error)
+
+
+class _HashingReader:
+    def __init__(self, path: Path):
+        self._fh = open(path, "rb")
+        self._sha = hashlib.sha256()
+        self._size = 0
+
+    def read(self, n=-1) -> bytes:
+        data = self._fh.read(n)
+        self._sha.update(data)
+        self._size += len(data)
+        return data
+
+    def readinto(self, buffer) -> int:
+        count = self._fh.readinto(buffer)
+        self._sha.update(memoryview(buffer)[:count])
+        self._size += count
+        return count
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def entry(self) -> dict:
+        return {"size": self._size, "sha256": self._sha.hexdigest()}
+
+
+# SQLite --------------------------------------------------------------------------------------
+
+def _sqlite_path() -> Path:
+    return Path(settings.DATABASES["default"]["NAME"])
+
+
+def _sqlite_dump(path: Path, progress: Progress) -> dict:
+    live = _sqlite_path()
+    snapshot = path.with_name(path.name + ".snapshot")
+    try:
+        # The online backup API copies a consistent snapshot while other processes keep writing.
+        src = sqlite3.connect(f"file:{live}?mode=ro", uri=True, timeout=30)
+        dst = sqlite3.connect(snapshot)
+        try:
+            src.backup(dst)
+        finally:
+            dst.close()
+            src.close()
+        with gz.GzipFileWriter(path) as out, open(snapshot, "rb") as fh:
+            while chunk := fh.read(gz.CHUNK):
+                out.write(chunk)
+                progress(len(chunk))
+    except sqlite3.Error as exc:
+        raise DatabaseError(f"SQLite snapshot of {live} failed: {exc}") from None
+    finally:
+        snapshot.unlink(missing_ok=True)
+    return out.raw.entry()
+
+
+def _sqlite_restore(path: Path, expected: dict, progress: Progress) -> None:
+    live = _sqlite_path()
+    staged = live.with_name(f".{live.name}.restore")
+    staged.unlink(missing_ok=True)
+    try:
+        reader = _HashingReader(path)
+        with gz.gzip_ng.open(reader, "rb") as dump, open(staged, "xb") as out:
+            while chunk := dump.read(gz.CHUNK):
+                out.write(chunk)
+                progress(len(chunk))
+        if reader.entry() != expected:
+            raise DatabaseError(f"{path.name} changed while it was being restored (checksum mismatch)")
+        src = sqlite3.connect(staged)
+        try:
+            if src.execute("PRAGMA integrity_check").fetchone()[0] != "ok":
+                raise DatabaseError(f"{path.name} does not hold an intact SQLite database")
+            # Copying pages into the live file is one write transaction: processes that hold the
+            # file open (web, worker, beat) see the old database or the new one, never a mix,
+            # which renaming a file over a WAL database they hold open would not give.
+            dst = sqlite3.connect(live, timeout=60)
+            try:
+                src.backup(dst)
+            finally:
+                dst.close()
+        finally:
+            src.close()
+    except sqlite3.Error as exc:
+        raise DatabaseError(f"SQLite restore into {live} failed: {exc}; the live database is unchanged") from None
+    finally:
+        staged.unlink(missing_ok=True)

@@ -1,0 +1,45 @@
+import getpass
+
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError
+
+from trusca.backups import locks, operations
+from trusca.backups.terminal import LiveLine, display_path, human_size
+
+
+class Command(BaseCommand):
+    help = (
+        "Back up the database and the workspace into BACKUP_ROOT/YYYY-MM-DD-HHMMSS/ "
+        "(postgres.sql.gz or sqlite.db.gz, workspace.tar.gz, manifest.json), then prune old "
+        "auto and cli backups. The last line printed is the backup's path."
+    )
+
+    def add_arguments(self, parser):
+        parser.add_argument("--bundle", action="store_true",
+                            help="also write BACKUP_ROOT/<name>.tar.gz, the single file the admin's upload accepts")
+        parser.add_argument("--no-prune", action="store_true", help="keep backups past BACKUP_RETENTION_DAYS")
+
+    def handle(self, *args, bundle, no_prune, **options):
+        live = LiveLine(label="backing up", announce=lambda path: self.stdout.write(f"Backup → {display_path(path)}"))
+        try:
+            outcome = operations.backup_create(kind="cli", actor=f"cli:{getpass.getuser()}",
+                                               bundle_too=bundle, prune=not no_prune, reporter=live)
+        except locks.Busy as exc:
+            raise CommandError(f"{exc}; nothing was done. Wait for it to finish, then run the backup again.") from None
+        except operations.OperationFailed as exc:
+            raise CommandError(f"Backup failed: {exc}") from None
+        finally:
+            live.clear()
+        path = display_path(outcome.path)
+        for name, size in outcome.files.items():
+            if name != "manifest.json":
+                self.stdout.write(f"✓ wrote {path}/{name} ({human_size(size)})")
+        self.stdout.write(f"✓ wrote {path}/manifest.json (db revision = {outcome.db_revision})")
+        if outcome.bundle_path:
+            size = human_size(outcome.bundle_path.stat().st_size)
+            self.stdout.write(f"✓ wrote {display_path(outcome.bundle_path)} ({size})")
+        for name in outcome.pruned:
+            self.stdout.write(f"✓ pruned {display_path(settings.BACKUP_ROOT / name)} "
+                              f"(older than {settings.BACKUP_RETENTION_DAYS} days)")
+        self.stdout.write("Backup complete")
+        self.stdout.write(path)

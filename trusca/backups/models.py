@@ -1,0 +1,43 @@
+from django.db import models
+
+
+class Backup(models.Model):
+    """The catalog of backups. The files in storage are the truth; this table is rebuilt from them."""
+
+    class Kind(models.TextChoices):
+        AUTO = "auto"
+        MANUAL = "manual"
+        CLI = "cli"
+        UPLOADED = "uploaded"
+        PRE_RESTORE = "pre_restore"
+
+    class Status(models.TextChoices):
+        QUEUED = "queued"
+        RUNNING = "running"
+        SUCCEEDED = "succeeded"
+        FAILED = "failed"
+
+    name = models.CharField(max_length=64, unique=True)
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED, db_index=True)
+    created_at = models.DateTimeField(db_index=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    size_bytes = models.BigIntegerField(default=0)
+    db_revision = models.CharField(max_length=12, blank=True)
+    progress = models.PositiveSmallIntegerField(default=0)
+    message = models.TextField(blank=True)
+    manifest = models.JSONField(default=dict, blank=True)
+    actor = models.CharField(max_length=150, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def is_active(self) -> bool:
+        return self.status in (self.Status.QUEUED, self.Status.RUNNING)

@@ -1,0 +1,55 @@
+"""What the management commands show on a terminal: the ✓ lines, sizes, and a live progress
+line on stderr that appears only when stderr is a TTY (cron gets the plain lines alone)."""
+
+import os
+import sys
+import time
+
+from trusca.backups.progress import Reporter
+
+
+def human_size(size: int) -> str:
+    for unit in ("B", "K", "M", "G", "T"):
+        if size < 1024 or unit == "T":
+            return f"{size}{unit}" if unit == "B" else f"{size:.0f}{unit}" if size >= 10 else f"{size:.1f}{unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def display_path(path) -> str:
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:
+        return str(path)
+    return str(path) if rel.startswith("..") else rel
+
+
+class LiveLine(Reporter):
+    def __init__(self, stream=None, label: str = "", announce=None):
+        self.stream = stream or sys.stderr
+        self.announce = announce
+        self.enabled = self.stream.isatty()
+        self.label = label
+        self._t0 = time.monotonic()
+        self._shown = False
+
+    def started(self, path) -> None:
+        if self.announce:
+            self.announce(path)
+
+    def progress(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        percent = min(99, done * 100 // max(total, 1))
+        elapsed = time.monotonic() - self._t0
+        rate = done / elapsed if elapsed > 0 else 0
+        bar = "#" * (percent // 4)
+        self.stream.write(f"\r{self.label} [{bar:<25}] {percent:3d}%  {human_size(done)} at {human_size(int(rate))}/s ")
+        self.stream.flush()
+        self._shown = True
+
+    def clear(self) -> None:
+        if self.enabled and self._shown:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+            self._shown = False

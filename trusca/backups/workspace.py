@@ -1,0 +1,139 @@
+"""Archive the workspace into a gzip tar, and check and extract one without trusting it."""
+
+import os
+import stat
+import tarfile
+from collections.abc import Callable
+from pathlib import Path, PurePosixPath
+
+from trusca.backups import gz
+
+Progress = Callable[[int], None]
+
+
+class WorkspaceError(Exception):
+    pass
+
+
+class UnsafeArchive(WorkspaceError):
+    pass
+
+
+def measure(root: Path) -> int:
+    """Bytes of regular files under root: the denominator of the progress bar."""
+    total = 0
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except OSError:
+                continue  # archive() reports it, with the path
+            if stat.S_ISREG(st.st_mode):
+                total += st.st_size
+    return total
+
+
+class _CountingTar(tarfile.TarFile):
+    # tarfile copies member data in 16 KiB pieces by default; bigger ones cut the per-call cost.
+    copybufsize = gz.CHUNK
+
+
+def archive(root: Path, path: Path, *, progress: Progress) -> dict:
+    if not root.is_dir():
+        raise WorkspaceError(f"the workspace directory {root} does not exist or is not a directory")
+    with gz.GzipFileWriter(path) as out:
+        with _CountingTar.open(fileobj=out.stream, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+            for full, arcname in _walk(root):
+                try:
+                    info = tar.gettarinfo(full, arcname)
+                except OSError as exc:
+                    raise WorkspaceError(f"cannot read {full}: {exc.strerror}") from None
+                if info.isreg():
+                    try:
+                        with open(full, "rb") as fh:
+                            tar.addfile(info, fh)
+                    except OSError as exc:
+                        raise WorkspaceError(f"cannot read {full}: {exc.strerror}") from None
+                    progress(info.size)
+                elif info.isdir() or info.issym() or info.islnk():
+                    tar.addfile(info)
+                # Sockets, fifos and devices are not workspace data and cannot be restored safely.
+    return out.raw.entry()
+
+
+def _walk(root: Path):
+    def onerror(exc: OSError):
+        raise WorkspaceError(f"cannot read {exc.filename}: {exc.strerror}")
+
+    for dirpath, dirs, files in os.walk(root, onerror=onerror):
+        dirs.sort()
+        rel = os.path.relpath(dirpath, root)
+        for name in sorted(dirs) + sorted(files):
+            full = os.path.join(dirpath, name)
+            arcname = name if rel == "." else f"{rel}/{name}"
+            yield full, arcname
+        # os.walk does not descend into symlinked directories; they are archived as links.
+
+
+def check_member(info: tarfile.TarInfo, seen_links: set[str], seen_files: set[str]) -> None:
+    """Refuse a member that could write outside the extraction directory, or is not plain data."""
+    name = info.name
+    parts = PurePosixPath(name).parts
+    if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
+        raise UnsafeArchive(f"member {name!r} has an absolute path")
+    if ".." in parts:
+        raise UnsafeArchive(f"member {name!r} contains '..'")
+    normalized = "/".join(p for p in parts if p != ".")
+    for i in range(1, len(parts)):
+        if "/".join(p for p in parts[:i] if p != ".") in seen_links:
+            raise UnsafeArchive(f"member {name!r} is written through the symlink {'/'.join(parts[:i])!r}")
+    if info.ischr() or info.isblk() or info.isfifo():
+        raise UnsafeArchive(f"member {name!r} is a device or fifo")
+    if info.issym():
+        target = info.linkname
+        if target.startswith("/"):
+            raise UnsafeArchive(f"symlink {name!r} points to the absolute path {target!r}")
+        resolved = os.path.normpath(os.path.join(os.path.dirname(normalized), target))
+        if resolved == ".." or resolved.startswith("../"):
+            raise UnsafeArchive(f"symlink {name!r} points outside the workspace ({target!r})")
+        seen_links.add(normalized)
+    elif info.islnk():
+        target = "/".join(p for p in PurePosixPath(info.linkname).parts if p != ".")
+        if info.linkname.startswith("/") or ".." in PurePosixPath(info.linkname).parts or target not in seen_files:
+            raise UnsafeArchive(f"hardlink {name!r} points outside the archive ({info.linkname!r})")
+    elif not (info.isreg() or info.isdir()):
+        raise UnsafeArchive(f"member {name!r} has an unsupported type")
+    if info.isreg() or info.islnk():
+        seen_files.add(normalized)
+
+
+def check(path: Path) -> int:
+    """Read the whole archive: it decompresses and lists, and every member is safe. Member count."""
+    seen_links: set[str] = set()
+    seen_files: set[str] = set()
+    count = 0
+    try:
+        with gz.gzip_ng.open(path, "rb") as fh, tarfile.open(fileobj=fh, mode="r|") as tar:
+            for info in tar:
+                check_member(info, seen_links, seen_files)
+                count += 1
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise WorkspaceError(f"{path.name} does not read to its end as a tar archive ({exc})") from None
+    return count
+
+
+def extract(path: Path, target: Path, *, progress: Progress) -> None:
+    """Extract into target, which must not exist yet; members are checked again as they come."""
+    target.mkdir()
+    seen_links: set[str] = set()
+    seen_files: set[str] = set()
+    try:
+        with gz.open_reader(path) as fh, _CountingTar.open(fileobj=fh, mode="r|") as tar:
+            for info in tar:
+                check_member(info, seen_links, seen_files)
+                # The 'data' filter is a second, independent guard against escapes.
+                tar.extract(info, target, set_attrs=True, filter="data")
+                if info.isreg():
+                    progress(info.size)
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise WorkspaceError(f"{path.name} could not be extracted ({exc})") from None

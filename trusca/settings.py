@@ -1,0 +1,207 @@
+"""TRUSCA settings: everything comes from the environment.
+
+The defaults run on one machine with no server at all (SQLite, a filesystem Celery broker, local
+storage); production sets DATABASE_URL, CELERY_BROKER_URL and CACHE_URL. A bad value stops the
+process at start-up with a message naming the variable, instead of surfacing at 3 a.m.
+"""
+
+import os
+from pathlib import Path
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+def envstr(name: str, default: str = "") -> str:
+    # NAME_FILE lets secrets come from a mounted file instead of the process environment.
+    path = os.environ.get(f"{name}_FILE")
+    if path:
+        try:
+            return Path(path).read_text().strip()
+        except OSError as exc:
+            raise ImproperlyConfigured(f"{name}_FILE={path} cannot be read: {exc.strerror}") from None
+    return os.environ.get(name, default)
+
+
+def envbool(name: str, default: str) -> bool:
+    value = envstr(name, default)
+    if value not in ("True", "False"):
+        raise ImproperlyConfigured(f"{name} is {value!r}; set it to True or False")
+    return value == "True"
+
+
+def envint(name: str, default: str, minimum: int = 0) -> int:
+    value = envstr(name, default)
+    try:
+        number = int(value)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name} is {value!r}; set it to a whole number") from None
+    if number < minimum:
+        raise ImproperlyConfigured(f"{name} is {number}; it must be at least {minimum}")
+    return number
+
+
+def envpath(name: str, default: str) -> Path:
+    value = envstr(name, default)
+    if not value:
+        raise ImproperlyConfigured(f"{name} is empty; set it to a directory path")
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else (BASE_DIR / path)
+
+
+DEBUG = envbool("DEBUG", "False")
+VAR_DIR = envpath("TRUSCA_VAR_DIR", "var")
+SECRET_KEY = envstr("SECRET_KEY")
+if not SECRET_KEY:
+    # One machine, no configuration: keep a generated key beside the SQLite file, readable by
+    # the owner only, so sessions survive restarts and every local process agrees on it.
+    _key_file = VAR_DIR / "secret_key"
+    if not _key_file.exists():
+        import secrets
+
+        VAR_DIR.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(_key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass  # another process started at the same moment and wrote it
+        else:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(secrets.token_urlsafe(50))
+    SECRET_KEY = _key_file.read_text().strip()
+ALLOWED_HOSTS = [h.strip() for h in envstr("ALLOWED_HOSTS", "127.0.0.1,localhost").split(",") if h.strip()]
+CSRF_TRUSTED_ORIGINS = [o.strip() for o in envstr("CSRF_TRUSTED_ORIGINS").split(",") if o.strip()]
+
+WORKSPACE_HOST_PATH = envpath("WORKSPACE_HOST_PATH", "workspace")
+BACKUP_ROOT = envpath("BACKUP_ROOT", "backups")
+BACKUP_RETENTION_DAYS = envint("BACKUP_RETENTION_DAYS", "7", minimum=1)
+# Level 3 of zlib-ng stays within a few percent of gzip -6's size at several times its speed.
+BACKUP_COMPRESSION_LEVEL = envint("BACKUP_COMPRESSION_LEVEL", "3", minimum=1)
+if BACKUP_COMPRESSION_LEVEL > 9:
+    raise ImproperlyConfigured(f"BACKUP_COMPRESSION_LEVEL is {BACKUP_COMPRESSION_LEVEL}; use 1 to 9")
+# A running backup or restore refreshes its heartbeat this often; one silent for
+# BACKUP_STALE_SECONDS is taken for dead, its lock freed and its row marked failed.
+BACKUP_HEARTBEAT_SECONDS = envint("BACKUP_HEARTBEAT_SECONDS", "10", minimum=1)
+BACKUP_STALE_SECONDS = envint("BACKUP_STALE_SECONDS", "180", minimum=2)
+
+try:
+    DATABASES = {
+        "default": dj_database_url.parse(
+            envstr("DATABASE_URL", f"sqlite:///{VAR_DIR / 'trusca.sqlite3'}"), conn_max_age=0
+        )
+    }
+except ValueError as exc:
+    raise ImproperlyConfigured(f"DATABASE_URL cannot be parsed: {exc}") from None
+if DATABASES["default"]["ENGINE"] not in (
+    "django.db.backends.sqlite3",
+    "django.db.backends.postgresql",
+):
+    raise ImproperlyConfigured("DATABASE_URL must point at PostgreSQL (postgres://…) or SQLite (sqlite:///…)")
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # WAL lets the web, the worker and beat read while one of them writes.
+    DATABASES["default"]["OPTIONS"] = {"init_command": "PRAGMA journal_mode=WAL;", "timeout": 20}
+TEST_DATABASE_NAME = envstr("TEST_DATABASE_NAME")
+if TEST_DATABASE_NAME:
+    DATABASES["default"]["TEST"] = {"NAME": TEST_DATABASE_NAME}
+
+CACHE_URL = envstr("CACHE_URL")
+if CACHE_URL:
+    if not CACHE_URL.startswith(("redis://", "rediss://", "unix://")):
+        raise ImproperlyConfigured("CACHE_URL must be a redis:// URL")
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": CACHE_URL}}
+else:
+    # Restore progress and the maintenance flag must outlive the database being replaced and be
+    # seen by every process on the host, so the default cache is on disk, not in memory.
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.filebased.FileBasedCache",
+            "LOCATION": str(VAR_DIR / "cache"),
+        }
+    }
+
+CELERY_BROKER_URL = envstr("CELERY_BROKER_URL", "filesystem://")
+if CELERY_BROKER_URL == "filesystem://":
+    _broker_dir = VAR_DIR / "broker"
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "data_folder_in": str(_broker_dir),
+        "data_folder_out": str(_broker_dir),
+        "processed_folder": str(_broker_dir / "processed"),
+        "store_processed": False,
+    }
+elif not CELERY_BROKER_URL.startswith(("redis://", "rediss://", "amqp://")):
+    raise ImproperlyConfigured("CELERY_BROKER_URL must be filesystem://, redis://… or amqp://…")
+CELERY_TASK_DEFAULT_QUEUE = "default"
+CELERY_TASK_ROUTES = {"trusca.backups.tasks.*": {"queue": "backups"}}
+CELERY_TASK_ACKS_LATE = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+CELERY_TIMEZONE = "UTC"
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "django_celery_beat",
+    "trusca.portal",
+    "trusca.backups",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "trusca.backups.maintenance.MaintenanceMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "trusca.urls"
+WSGI_APPLICATION = "trusca.wsgi.application"
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ]
+        },
+    }
+]
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = VAR_DIR / "staticfiles"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
+}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "loggers": {"trusca": {"handlers": ["console"], "level": envstr("LOG_LEVEL", "INFO")}},
+}
