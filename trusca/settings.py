@@ -101,9 +101,8 @@ if DATABASES["default"]["ENGINE"] not in (
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # WAL lets the web, the worker and beat read while one of them writes.
     DATABASES["default"]["OPTIONS"] = {"init_command": "PRAGMA journal_mode=WAL;", "timeout": 20}
-TEST_DATABASE_NAME = envstr("TEST_DATABASE_NAME")
-if TEST_DATABASE_NAME:
-    DATABASES["default"]["TEST"] = {"NAME": TEST_DATABASE_NAME}
+    # A file, not memory: backups read the database from outside the test's connection.
+    DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / "test-trusca.sqlite3")}
 
 CACHE_URL = envstr("CACHE_URL")
 if CACHE_URL:

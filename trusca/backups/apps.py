@@ -22,15 +22,29 @@ def check_paths(app_configs=None, **kwargs):
     root, ws = settings.BACKUP_ROOT, settings.WORKSPACE_HOST_PATH
     existing = next((p for p in (root, *root.parents) if p.exists()), None)
     if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK):
-        errors.append(checks.Error(f"BACKUP_ROOT {root} cannot be created or written",
-                                   hint="Point BACKUP_ROOT at a writable directory.", id="backups.E001"))
+        errors.append(
+            checks.Error(
+                f"BACKUP_ROOT {root} cannot be created or written",
+                hint="Point BACKUP_ROOT at a writable directory.",
+                id="backups.E001",
+            )
+        )
     if ws.exists() and not ws.is_dir():
-        errors.append(checks.Error(f"WORKSPACE_HOST_PATH {ws} is not a directory",
-                                   hint="Point WORKSPACE_HOST_PATH at the workspace directory.", id="backups.E002"))
+        errors.append(
+            checks.Error(
+                f"WORKSPACE_HOST_PATH {ws} is not a directory",
+                hint="Point WORKSPACE_HOST_PATH at the workspace directory.",
+                id="backups.E002",
+            )
+        )
     if root.resolve().is_relative_to(ws.resolve()):
-        errors.append(checks.Error(f"BACKUP_ROOT {root} lies inside WORKSPACE_HOST_PATH {ws}",
-                                   hint="Every backup would contain the previous ones; move BACKUP_ROOT out.",
-                                   id="backups.E003"))
+        errors.append(
+            checks.Error(
+                f"BACKUP_ROOT {root} lies inside WORKSPACE_HOST_PATH {ws}",
+                hint="Every backup would contain the previous ones; move BACKUP_ROOT out.",
+                id="backups.E003",
+            )
+        )
     return errors
 
 
@@ -40,8 +54,11 @@ def check_tools(app_configs=None, **kwargs):
     if settings.DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql":
         return []
     return [
-        checks.Error(f"{tool} is not installed; PostgreSQL backups and restores need it",
-                     hint="Install the PostgreSQL client tools matching the server (postgresql-client).",
-                     id="backups.E004")
-        for tool in ("pg_dump", "psql") if shutil.which(tool) is None
+        checks.Error(
+            f"{tool} is not installed; PostgreSQL backups and restores need it",
+            hint="Install the PostgreSQL client tools matching the server (postgresql-client).",
+            id="backups.E004",
+        )
+        for tool in ("pg_dump", "psql")
+        if shutil.which(tool) is None
     ]

@@ -86,8 +86,11 @@ def unpack(source, target: Path) -> None:
     """
     seen: set[str] = set()
     try:
-        with tarfile.open(name=None if hasattr(source, "read") else source,
-                          fileobj=source if hasattr(source, "read") else None, mode="r|gz") as tar:
+        with tarfile.open(
+            name=None if hasattr(source, "read") else source,
+            fileobj=source if hasattr(source, "read") else None,
+            mode="r|gz",
+        ) as tar:
             for info in tar:
                 if info.name not in MEMBER_ORDER:
                     raise BundleError(f"the bundle holds an unexpected member {info.name!r}")

@@ -1,6 +1,7 @@
 """Dump and restore the portal's database: PostgreSQL through pg_dump/psql, SQLite through its
 online backup API. Both write through ``gz`` and report uncompressed bytes as they go."""
 
+import contextlib
 import hashlib
 import os
 import re
@@ -54,12 +55,18 @@ def restore(path: Path, *, expected: dict, progress: Progress) -> None:
 
 # PostgreSQL ----------------------------------------------------------------------------------
 
+
 def _pg_env() -> dict[str, str]:
     # Everything, the password above all, goes through the environment: nothing shows in `ps`.
     db = settings.DATABASES["default"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    pairs = {"PGDATABASE": db["NAME"], "PGUSER": db.get("USER"), "PGPASSWORD": db.get("PASSWORD"),
-             "PGHOST": db.get("HOST"), "PGPORT": str(db.get("PORT") or "")}
+    pairs = {
+        "PGDATABASE": db["NAME"],
+        "PGUSER": db.get("USER"),
+        "PGPASSWORD": db.get("PASSWORD"),
+        "PGHOST": db.get("HOST"),
+        "PGPORT": str(db.get("PORT") or ""),
+    }
     env.update({k: str(v) for k, v in pairs.items() if v})
     sslmode = db.get("OPTIONS", {}).get("sslmode")
     if sslmode:
@@ -71,7 +78,9 @@ def _pg_env() -> dict[str, str]:
 def _tool(name: str) -> str:
     found = shutil.which(name)
     if not found:
-        raise DatabaseError(f"{name} is not installed; install the PostgreSQL client (e.g. apt install postgresql-client)")
+        raise DatabaseError(
+            f"{name} is not installed; install the PostgreSQL client (e.g. apt install postgresql-client)"
+        )
     return found
 
 
@@ -110,7 +119,9 @@ def _pg_dump(path: Path, progress: Progress) -> dict:
     with tempfile.TemporaryFile() as stderr:
         proc = subprocess.Popen(
             [_tool("pg_dump"), "--clean", "--if-exists", "--no-password"],
-            stdout=subprocess.PIPE, stderr=stderr, env=_pg_env(),
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            env=_pg_env(),
         )
         try:
             with gz.GzipFileWriter(path) as out:
@@ -163,7 +174,10 @@ def _psql_restore(path: Path, expected: dict, progress: Progress) -> None:
     with tempfile.TemporaryFile() as stderr:
         proc = subprocess.Popen(
             [_tool("psql"), "--no-psqlrc", "--quiet", "--no-password", "-v", "ON_ERROR_STOP=1"],
-            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=stderr, env=_pg_env(),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            env=_pg_env(),
         )
         error = None
         try:
@@ -184,10 +198,8 @@ def _psql_restore(path: Path, expected: dict, progress: Progress) -> None:
             proc.wait()
             raise
         finally:
-            try:
+            with contextlib.suppress(BrokenPipeError):
                 proc.stdin.close()
-            except BrokenPipeError:
-                pass
             returncode = proc.wait()
         if returncode != 0:
             raise DatabaseError(f"psql exited with status {returncode}: {_stderr_tail(stderr)}")
@@ -224,6 +236,7 @@ class _HashingReader:
 
 
 # SQLite --------------------------------------------------------------------------------------
+
 
 def _sqlite_path() -> Path:
     return Path(settings.DATABASES["default"]["NAME"])

@@ -33,9 +33,11 @@ class HashingWriter(io.RawIOBase):
 
     def close(self) -> None:
         if not self._fh.closed:
-            self._fh.flush()
-            os.fsync(self._fh.fileno())
-            self._fh.close()
+            try:
+                self._fh.flush()
+                os.fsync(self._fh.fileno())
+            finally:
+                self._fh.close()  # even on a full disk: a leaked descriptor pins the space
         super().close()
 
     def entry(self) -> dict:

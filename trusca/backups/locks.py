@@ -28,7 +28,9 @@ class OperationLock:
     def __init__(self, what: str, owner: str | None = None):
         self.what = what
         self.owner = owner or uuid.uuid4().hex
-        self._payload = json.dumps({"owner": self.owner, "what": what, "since": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())})
+        self._payload = json.dumps(
+            {"owner": self.owner, "what": what, "since": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+        )
 
     def acquire(self) -> "OperationLock":
         if not _backend().add(self._payload):

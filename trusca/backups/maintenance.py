@@ -46,14 +46,23 @@ class MaintenanceMiddleware:
         detail = f"{state['reason']} (since {state['since']}). Try again shortly."
         if "json" in request.headers.get("Accept", ""):
             response = HttpResponse(
-                json.dumps({"type": "urn:trustedoss:problem:maintenance", "title": "Down for maintenance",
-                            "status": 503, "detail": detail}),
-                status=503, content_type="application/problem+json",
+                json.dumps(
+                    {
+                        "type": "urn:trustedoss:problem:maintenance",
+                        "title": "Down for maintenance",
+                        "status": 503,
+                        "detail": detail,
+                    }
+                ),
+                status=503,
+                content_type="application/problem+json",
             )
         else:
             response = HttpResponse(
                 f"<!doctype html><title>Down for maintenance</title><h1>TRUSCA is down for maintenance</h1>"
-                f"<p>{detail}</p>", status=503, content_type="text/html",
+                f"<p>{detail}</p>",
+                status=503,
+                content_type="text/html",
             )
         response["Retry-After"] = str(RETRY_AFTER_SECONDS)
         return response

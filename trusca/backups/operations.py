@@ -46,6 +46,7 @@ class BackupOutcome:
 
 # Backup --------------------------------------------------------------------------------------
 
+
 def _free_name(kind: str, when: datetime) -> tuple[str, datetime]:
     # The names have one-second resolution; a second backup in the same second takes the next.
     while True:
@@ -55,15 +56,21 @@ def _free_name(kind: str, when: datetime) -> tuple[str, datetime]:
         when += timedelta(seconds=1)
 
 
-def backup_create(*, kind: str, actor: str, bundle_too: bool = False, prune: bool = True,
-                  reporter: Reporter | None = None) -> BackupOutcome:
+def backup_create(
+    *, kind: str, actor: str, bundle_too: bool = False, prune: bool = True, reporter: Reporter | None = None
+) -> BackupOutcome:
     """Take a backup now, in this process (the CLI's path)."""
     lock = locks.OperationLock(f"a {kind} backup").acquire()
     try:
         name, when = _free_name(kind, timezone.now().replace(microsecond=0))
         row = Backup.objects.create(
-            name=name, kind=kind, status=Backup.Status.RUNNING, created_at=when,
-            started_at=timezone.now(), heartbeat_at=timezone.now(), actor=actor,
+            name=name,
+            kind=kind,
+            status=Backup.Status.RUNNING,
+            created_at=when,
+            started_at=timezone.now(),
+            heartbeat_at=timezone.now(),
+            actor=actor,
         )
         return _run_backup(row, lock, bundle_too=bundle_too, prune=prune, reporter=reporter or Reporter())
     finally:
@@ -78,8 +85,9 @@ def backup_enqueue(*, kind: str, actor: str) -> Backup:
     name, when = _free_name(kind, timezone.now().replace(microsecond=0))
     lock = locks.OperationLock(f"a {kind} backup", owner=f"backup:{name}").acquire()
     try:
-        return Backup.objects.create(name=name, kind=kind, status=Backup.Status.QUEUED, created_at=when,
-                                     heartbeat_at=timezone.now(), actor=actor)
+        return Backup.objects.create(
+            name=name, kind=kind, status=Backup.Status.QUEUED, created_at=when, heartbeat_at=timezone.now(), actor=actor
+        )
     except BaseException:
         lock.release()
         raise
@@ -106,8 +114,9 @@ def backup_run_queued(*, backup_id: int, reporter: Reporter | None = None) -> Ba
         lock.release()
 
 
-def _run_backup(row: Backup, lock: locks.OperationLock, *, bundle_too: bool, prune: bool,
-                reporter: Reporter) -> BackupOutcome:
+def _run_backup(
+    row: Backup, lock: locks.OperationLock, *, bundle_too: bool, prune: bool, reporter: Reporter
+) -> BackupOutcome:
     ws_root = settings.WORKSPACE_HOST_PATH
     staging = None
     try:
@@ -140,7 +149,8 @@ def _run_backup(row: Backup, lock: locks.OperationLock, *, bundle_too: bool, pru
             dumper.start()
             try:
                 results[manifest.WORKSPACE_ARCHIVE] = workspace.archive(
-                    ws_root, staging / manifest.WORKSPACE_ARCHIVE, progress=counter.add)
+                    ws_root, staging / manifest.WORKSPACE_ARCHIVE, progress=counter.add
+                )
             finally:
                 dumper.join()
         if errors:
@@ -156,8 +166,7 @@ def _run_backup(row: Backup, lock: locks.OperationLock, *, bundle_too: bool, pru
             "db_size": db_size,
             "workspace_path": str(ws_root),
             "app_version": trusca.__version__,
-            "files": {dump_name: results[dump_name],
-                      manifest.WORKSPACE_ARCHIVE: results[manifest.WORKSPACE_ARCHIVE]},
+            "files": {dump_name: results[dump_name], manifest.WORKSPACE_ARCHIVE: results[manifest.WORKSPACE_ARCHIVE]},
         }
         manifest.write(staging, document)
         final = storage.publish(staging, row.name)
@@ -170,12 +179,22 @@ def _run_backup(row: Backup, lock: locks.OperationLock, *, bundle_too: bool, pru
         raise BackupFailed(message) from exc
     files = {name: (final / name).stat().st_size for name in bundle.MEMBER_ORDER if (final / name).exists()}
     Backup.objects.filter(pk=row.pk).update(
-        status=Backup.Status.SUCCEEDED, progress=100, finished_at=timezone.now(), heartbeat_at=timezone.now(),
-        size_bytes=sum(files.values()), db_revision=revision, manifest=document, message="",
+        status=Backup.Status.SUCCEEDED,
+        progress=100,
+        finished_at=timezone.now(),
+        heartbeat_at=timezone.now(),
+        size_bytes=sum(files.values()),
+        db_revision=revision,
+        manifest=document,
+        message="",
     )
     row.refresh_from_db()
-    audit.record(actor=row.actor or "system", action="backup.created", target=row.name,
-                 detail={"kind": row.kind, "size": row.size_bytes})
+    audit.record(
+        actor=row.actor or "system",
+        action="backup.created",
+        target=row.name,
+        detail={"kind": row.kind, "size": row.size_bytes},
+    )
     outcome = BackupOutcome(backup=row, path=final, files=files, db_revision=revision)
     if bundle_too:
         outcome.bundle_path = final.with_name(f"{row.name}.tar.gz")
@@ -203,8 +222,7 @@ def _describe(exc: BaseException) -> str:
 
 
 def _fail(row: Backup, message: str) -> None:
-    Backup.objects.filter(pk=row.pk).update(status=Backup.Status.FAILED, finished_at=timezone.now(),
-                                            message=message)
+    Backup.objects.filter(pk=row.pk).update(status=Backup.Status.FAILED, finished_at=timezone.now(), message=message)
     log.error("backup %s failed: %s", row.name, message)
 
 
@@ -213,14 +231,13 @@ def backup_sweep_stale() -> list[str]:
     cutoff = timezone.now() - timedelta(seconds=settings.BACKUP_STALE_SECONDS)
     holder = locks.current() or {}
     swept = []
-    for row in Backup.objects.filter(status__in=[Backup.Status.QUEUED, Backup.Status.RUNNING],
-                                     heartbeat_at__lt=cutoff):
+    for row in Backup.objects.filter(status__in=[Backup.Status.QUEUED, Backup.Status.RUNNING], heartbeat_at__lt=cutoff):
         if holder.get("owner") == f"backup:{row.name}":
             continue
         if Backup.objects.filter(pk=row.pk, status=row.status).update(
-            status=Backup.Status.FAILED, finished_at=timezone.now(),
-            message="worker lost: no heartbeat for "
-                    f"{settings.BACKUP_STALE_SECONDS} s; its partial files were removed",
+            status=Backup.Status.FAILED,
+            finished_at=timezone.now(),
+            message=f"worker lost: no heartbeat for {settings.BACKUP_STALE_SECONDS} s; its partial files were removed",
         ):
             storage.discard(storage.root() / f"{storage.STAGING_PREFIX}{row.name}")
             swept.append(row.name)
@@ -250,6 +267,7 @@ def backup_prune(*, now: datetime | None = None) -> list[str]:
 
 
 # Verify --------------------------------------------------------------------------------------
+
 
 @dataclass
 class VerifyReport:
@@ -336,6 +354,7 @@ def resolve_source(source: str) -> Path:
 
 # Catalog -------------------------------------------------------------------------------------
 
+
 def catalog_sync() -> None:
     """Make the Backup table agree with storage, which is the truth."""
     stored = {b.name: b for b in storage.list_backups()}
@@ -360,6 +379,7 @@ def catalog_sync() -> None:
 
 
 # Delete and download -------------------------------------------------------------------------
+
 
 def backup_delete(*, backup: Backup, actor, request=None) -> None:
     """Remove a backup's files and its row. A queued or running one cannot be deleted."""

@@ -41,23 +41,26 @@ class _CountingTar(tarfile.TarFile):
 def archive(root: Path, path: Path, *, progress: Progress) -> dict:
     if not root.is_dir():
         raise WorkspaceError(f"the workspace directory {root} does not exist or is not a directory")
-    with gz.GzipFileWriter(path) as out:
-        with _CountingTar.open(fileobj=out.stream, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-            for full, arcname in _walk(root):
+    with (
+        gz.GzipFileWriter(path) as out,
+        _CountingTar.open(fileobj=out.stream, mode="w|", format=tarfile.PAX_FORMAT) as tar,
+    ):
+        for full, arcname in _walk(root):
+            try:
+                info = tar.gettarinfo(full, arcname)
+            except OSError as exc:
+                raise WorkspaceError(f"cannot read {full}: {exc.strerror}") from None
+            if info.isreg():
                 try:
-                    info = tar.gettarinfo(full, arcname)
+                    fh = open(full, "rb")
                 except OSError as exc:
                     raise WorkspaceError(f"cannot read {full}: {exc.strerror}") from None
-                if info.isreg():
-                    try:
-                        with open(full, "rb") as fh:
-                            tar.addfile(info, fh)
-                    except OSError as exc:
-                        raise WorkspaceError(f"cannot read {full}: {exc.strerror}") from None
-                    progress(info.size)
-                elif info.isdir() or info.issym() or info.islnk():
-                    tar.addfile(info)
-                # Sockets, fifos and devices are not workspace data and cannot be restored safely.
+                with fh:  # write errors (a full disk) propagate as themselves
+                    tar.addfile(info, fh)
+                progress(info.size)
+            elif info.isdir() or info.issym() or info.islnk():
+                tar.addfile(info)
+            # Sockets, fifos and devices are not workspace data and cannot be restored safely.
     return out.raw.entry()
 
 

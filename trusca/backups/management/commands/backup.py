@@ -15,15 +15,19 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser):
-        parser.add_argument("--bundle", action="store_true",
-                            help="also write BACKUP_ROOT/<name>.tar.gz, the single file the admin's upload accepts")
+        parser.add_argument(
+            "--bundle",
+            action="store_true",
+            help="also write BACKUP_ROOT/<name>.tar.gz, the single file the admin's upload accepts",
+        )
         parser.add_argument("--no-prune", action="store_true", help="keep backups past BACKUP_RETENTION_DAYS")
 
     def handle(self, *args, bundle, no_prune, **options):
         live = LiveLine(label="backing up", announce=lambda path: self.stdout.write(f"Backup → {display_path(path)}"))
         try:
-            outcome = operations.backup_create(kind="cli", actor=f"cli:{getpass.getuser()}",
-                                               bundle_too=bundle, prune=not no_prune, reporter=live)
+            outcome = operations.backup_create(
+                kind="cli", actor=f"cli:{getpass.getuser()}", bundle_too=bundle, prune=not no_prune, reporter=live
+            )
         except locks.Busy as exc:
             raise CommandError(f"{exc}; nothing was done. Wait for it to finish, then run the backup again.") from None
         except operations.OperationFailed as exc:
@@ -39,7 +43,9 @@ class Command(BaseCommand):
             size = human_size(outcome.bundle_path.stat().st_size)
             self.stdout.write(f"✓ wrote {display_path(outcome.bundle_path)} ({size})")
         for name in outcome.pruned:
-            self.stdout.write(f"✓ pruned {display_path(settings.BACKUP_ROOT / name)} "
-                              f"(older than {settings.BACKUP_RETENTION_DAYS} days)")
+            self.stdout.write(
+                f"✓ pruned {display_path(settings.BACKUP_ROOT / name)} "
+                f"(older than {settings.BACKUP_RETENTION_DAYS} days)"
+            )
         self.stdout.write("Backup complete")
         self.stdout.write(path)

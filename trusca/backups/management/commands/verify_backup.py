@@ -28,6 +28,8 @@ class Command(BaseCommand):
             self.stdout.write(f"✓ {name}: {entry['size']} bytes, sha256 matches, gzip stream intact")
         if "workspace.tar.gz" in files:
             self.stdout.write(f"✓ workspace.tar.gz lists {report.members} members, all safe to extract")
-        self.stdout.write(f"✓ manifest: {report.manifest['kind']} backup of {report.manifest['timestamp']}, "
-                          f"db revision {report.manifest['db_revision']}")
+        self.stdout.write(
+            f"✓ manifest: {report.manifest['kind']} backup of {report.manifest['timestamp']}, "
+            f"db revision {report.manifest['db_revision']}"
+        )
         self.stdout.write(f"Backup OK: {display_path(target)}")
