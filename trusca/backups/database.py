@@ -2,7 +2,6 @@
 online backup API. Both write through ``gz`` and report uncompressed bytes as they go."""
 
 import contextlib
-import hashlib
 import os
 import re
 import shutil
@@ -44,8 +43,9 @@ def dump(path: Path, *, progress: Progress) -> dict:
 
 
 def restore(path: Path, *, expected: dict, progress: Progress) -> None:
-    """Load a dump in one transaction. It commits only once every byte was read and the file's
-    sha256 matched ``expected``: a reader killed or a file swapped underneath rolls back."""
+    """Load a dump in one transaction, reporting compressed bytes read. It commits only once every
+    byte was read and the file's sha256 matched ``expected``: a reader killed or a file swapped
+    underneath rolls back."""
     connection.close()
     if engine() == "postgresql":
         _psql_restore(path, expected, progress)
@@ -182,11 +182,10 @@ def _psql_restore(path: Path, expected: dict, progress: Progress) -> None:
         error = None
         try:
             proc.stdin.write(_DROP_EVERYTHING.encode())
-            reader = _HashingReader(path)
+            reader = gz.HashingReader(path, progress=progress)
             with gz.gzip_ng.open(reader, "rb") as dump:
                 while chunk := dump.read(gz.CHUNK):
                     proc.stdin.write(chunk)
-                    progress(len(chunk))
             if reader.entry() != expected:
                 error = f"{path.name} changed while it was being restored (checksum mismatch)"
             else:
@@ -205,34 +204,6 @@ def _psql_restore(path: Path, expected: dict, progress: Progress) -> None:
             raise DatabaseError(f"psql exited with status {returncode}: {_stderr_tail(stderr)}")
         if error:
             raise DatabaseError(error)
-
-
-class _HashingReader:
-    def __init__(self, path: Path):
-        self._fh = open(path, "rb")
-        self._sha = hashlib.sha256()
-        self._size = 0
-
-    def read(self, n=-1) -> bytes:
-        data = self._fh.read(n)
-        self._sha.update(data)
-        self._size += len(data)
-        return data
-
-    def readinto(self, buffer) -> int:
-        count = self._fh.readinto(buffer)
-        self._sha.update(memoryview(buffer)[:count])
-        self._size += count
-        return count
-
-    def readable(self) -> bool:
-        return True
-
-    def close(self) -> None:
-        self._fh.close()
-
-    def entry(self) -> dict:
-        return {"size": self._size, "sha256": self._sha.hexdigest()}
 
 
 # SQLite --------------------------------------------------------------------------------------
@@ -270,11 +241,10 @@ def _sqlite_restore(path: Path, expected: dict, progress: Progress) -> None:
     staged = live.with_name(f".{live.name}.restore")
     staged.unlink(missing_ok=True)
     try:
-        reader = _HashingReader(path)
+        reader = gz.HashingReader(path, progress=progress)
         with gz.gzip_ng.open(reader, "rb") as dump, open(staged, "xb") as out:
             while chunk := dump.read(gz.CHUNK):
                 out.write(chunk)
-                progress(len(chunk))
         if reader.entry() != expected:
             raise DatabaseError(f"{path.name} changed while it was being restored (checksum mismatch)")
         src = sqlite3.connect(staged)

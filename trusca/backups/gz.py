@@ -73,9 +73,44 @@ class GzipFileWriter:
         return self.raw.size
 
 
-def open_reader(path: Path):
+class HashingReader:
+    """Reads a file for a decompressor, hashing it and reporting the bytes as they pass."""
+
+    def __init__(self, path: Path, progress=None):
+        self._fh = open(path, "rb")
+        self._sha = hashlib.sha256()
+        self._size = 0
+        self._progress = progress
+
+    def _seen(self, data) -> None:
+        self._sha.update(data)
+        self._size += len(data)
+        if self._progress:
+            self._progress(len(data))
+
+    def read(self, n=-1) -> bytes:
+        data = self._fh.read(n)
+        self._seen(data)
+        return data
+
+    def readinto(self, buffer) -> int:
+        count = self._fh.readinto(buffer)
+        self._seen(memoryview(buffer)[:count])
+        return count
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def entry(self) -> dict:
+        return {"size": self._size, "sha256": self._sha.hexdigest()}
+
+
+def open_reader(path: Path, progress=None):
     """A decompressing reader whose inflate runs in its own thread, beside the caller's work."""
-    return gzip_ng_threaded.open(path, "rb", threads=1)
+    return gzip_ng_threaded.open(HashingReader(path, progress), "rb", threads=1)
 
 
 def test_stream(path: Path) -> int:

@@ -9,15 +9,18 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from django.conf import settings
+from django.contrib.sessions.models import Session
+from django.core.cache import cache
 from django.db import close_old_connections, connection
 from django.utils import timezone
 
 import trusca
-from trusca.backups import bundle, database, gz, locks, manifest, storage, workspace
+from trusca.backups import bundle, database, gz, locks, maintenance, manifest, storage, workspace
 from trusca.backups.models import Backup
 from trusca.backups.naming import format_name, parse_name
 from trusca.backups.progress import Counter, Reporter, Ticker
 from trusca.portal import audit
+from trusca.portal.models import AuditEvent
 
 log = logging.getLogger("trusca.backups")
 
@@ -62,22 +65,27 @@ def backup_create(
     """Take a backup now, in this process (the CLI's path)."""
     lock = locks.OperationLock(f"a {kind} backup").acquire()
     try:
-        name, when = _free_name(kind, timezone.now().replace(microsecond=0))
-        row = Backup.objects.create(
-            name=name,
-            kind=kind,
-            status=Backup.Status.RUNNING,
-            created_at=when,
-            started_at=timezone.now(),
-            heartbeat_at=timezone.now(),
-            actor=actor,
-        )
+        row = _new_running_row(kind=kind, actor=actor)
         return _run_backup(row, lock, bundle_too=bundle_too, prune=prune, reporter=reporter or Reporter())
     finally:
         lock.release()
 
 
-def backup_enqueue(*, kind: str, actor: str) -> Backup:
+def _new_running_row(*, kind: str, actor: str) -> Backup:
+    name, when = _free_name(kind, timezone.now().replace(microsecond=0))
+    now = timezone.now()
+    return Backup.objects.create(
+        name=name,
+        kind=kind,
+        status=Backup.Status.RUNNING,
+        created_at=when,
+        started_at=now,
+        heartbeat_at=now,
+        actor=actor,
+    )
+
+
+def backup_enqueue(*, kind: str, actor: str, request=None) -> Backup:
     """Reserve the lock and a queued row for a backup a worker will run (the admin's path).
 
     Raises ``locks.Busy`` when a backup or restore is queued or running."""
@@ -85,12 +93,14 @@ def backup_enqueue(*, kind: str, actor: str) -> Backup:
     name, when = _free_name(kind, timezone.now().replace(microsecond=0))
     lock = locks.OperationLock(f"a {kind} backup", owner=f"backup:{name}").acquire()
     try:
-        return Backup.objects.create(
+        row = Backup.objects.create(
             name=name, kind=kind, status=Backup.Status.QUEUED, created_at=when, heartbeat_at=timezone.now(), actor=actor
         )
     except BaseException:
         lock.release()
         raise
+    audit.record(actor=actor, action="backup.requested", target=name, detail={"kind": kind}, request=request)
+    return row
 
 
 def backup_run_queued(*, backup_id: int, reporter: Reporter | None = None) -> BackupOutcome | None:
@@ -397,3 +407,242 @@ def backup_download(*, backup: Backup, actor, request=None):
         raise OperationFailed(f"{backup.name} has no files to download")
     audit.record(actor=actor, action="backup.downloaded", target=backup.name, request=request)
     return bundle.stream(path), bundle.size_estimate(path)
+
+
+# Restore -------------------------------------------------------------------------------------
+
+RESTORE_STATUS_KEY = "trusca:restore:status"
+
+
+class RestoreRefused(OperationFailed):
+    """Preflight found a reason not to restore; nothing was changed."""
+
+
+@dataclass
+class RestorePlan:
+    source: Path
+    directory: Path
+    manifest: dict
+    taken_at: datetime
+    live_revision: str
+    behind: list[str]
+    workspace_path: Path
+
+    @property
+    def has_workspace(self) -> bool:
+        return manifest.WORKSPACE_ARCHIVE in self.manifest["files"]
+
+    @property
+    def dump(self) -> str:
+        return manifest.DUMP_FILES[self.manifest["engine"]]
+
+
+@dataclass
+class RestoreOutcome:
+    plan: RestorePlan
+    safety_backup: Path | None
+    revision_after: str
+    audit_events_kept: int
+
+
+class restore_prepare:
+    """Preflight, touching nothing live: unpack a bundle beside the backups if need be, verify
+    every file and member, and compare migrations. Yields the plan to show the operator."""
+
+    def __init__(self, *, source: Path):
+        self.source = source
+        self._bundle = None
+
+    def __enter__(self) -> RestorePlan:
+        directory = self.source
+        if self.source.is_file():
+            self._bundle = unpacked_bundle(self.source, label="restore")
+            directory = self._bundle.__enter__()
+        try:
+            return _preflight(self.source, directory)
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def __exit__(self, *exc):
+        if self._bundle is not None:
+            self._bundle.__exit__()
+            self._bundle = None
+
+
+def _preflight(source: Path, directory: Path) -> RestorePlan:
+    try:
+        report = verify_directory(directory)
+    except VerifyFailed as exc:
+        raise RestoreRefused(f"{exc}. Nothing was changed.") from None
+    document = report.manifest
+    if document["engine"] != database.engine():
+        raise RestoreRefused(
+            f"this backup holds a {document['engine']} database but the portal runs on {database.engine()}. "
+            "Nothing was changed."
+        )
+    unknown, behind = manifest.compare_migrations(document["migrations"])
+    if unknown:
+        raise RestoreRefused(
+            f"this backup was taken by newer code: it has migrations this code does not know "
+            f"({', '.join(unknown)}). Deploy TRUSCA {document['app_version']} or newer, then restore again. "
+            "Nothing was changed."
+        )
+    try:
+        taken_at = datetime.fromisoformat(document["timestamp"])
+    except (TypeError, ValueError):
+        raise RestoreRefused(f"manifest.json has an unreadable timestamp {document['timestamp']!r}") from None
+    return RestorePlan(
+        source=source,
+        directory=directory,
+        manifest=document,
+        taken_at=taken_at,
+        live_revision=manifest.live_revision(),
+        behind=behind,
+        workspace_path=settings.WORKSPACE_HOST_PATH,
+    )
+
+
+def restore_status() -> dict | None:
+    """Live progress of a restore; it lives in the cache because the database is being replaced."""
+    return cache.get(RESTORE_STATUS_KEY)
+
+
+def restore_run(
+    *, plan: RestorePlan, actor: str, safety_backup: bool = True, reporter: Reporter | None = None
+) -> RestoreOutcome:
+    """Replace the database and the workspace with the backup's, following DESIGN.md's protocol.
+    Until the database transaction commits, a failure leaves both exactly as they were."""
+    reporter = reporter or Reporter()
+    lock = locks.OperationLock(f"a restore from {plan.source.name}").acquire()
+    status = _RestoreStatus(plan)
+    try:
+        safety = None
+        if safety_backup:
+            status.set("safety backup", 0)
+            row = _new_running_row(kind=Backup.Kind.PRE_RESTORE, actor=actor)
+            safety = _run_backup(row, lock, bundle_too=False, prune=False, reporter=Reporter()).path
+            reporter.step(f"safety backup → {safety} (restore it to undo this restore)")
+        # Audit events are the one record that must outlive the restore: keep those the backup predates.
+        later_events = list(
+            AuditEvent.objects.filter(timestamp__gt=plan.taken_at)
+            .order_by("timestamp", "id")
+            .values("actor", "action", "target", "detail", "ip", "timestamp")
+        )
+        maintenance.enter(f"Restoring the backup {plan.source.name}")
+        reporter.step("maintenance mode on (the web answers 503, workers hold other work)")
+        try:
+            _replace_state(plan, lock, status, reporter)
+        finally:
+            # The live state is either untouched or fully restored here; either way, reopen.
+            maintenance.leave()
+        kept = _after_restore(plan, actor, later_events)
+        reporter.step(f"sessions flushed, backup catalog rebuilt, {kept} later audit events kept")
+        reporter.step("portal back online")
+        status.finish()
+        return RestoreOutcome(
+            plan=plan, safety_backup=safety, revision_after=manifest.live_revision(), audit_events_kept=kept
+        )
+    except Exception as exc:
+        status.fail(str(exc))
+        if isinstance(exc, OperationFailed):
+            raise
+        raise OperationFailed(str(exc)) from exc
+    finally:
+        lock.release()
+
+
+def _replace_state(plan: RestorePlan, lock: locks.OperationLock, status, reporter: Reporter) -> None:
+    live_ws = plan.workspace_path
+    staging = live_ws.with_name(f".{live_ws.name}.restore-staging")
+    total = sum(e["size"] for e in plan.manifest["files"].values())
+    counter = Counter(total)
+
+    def beat() -> None:
+        lock.heartbeat()
+        maintenance.renew(f"Restoring the backup {plan.source.name}")
+        status.tick(counter.percent)
+        reporter.progress(counter.done, counter.total)
+
+    with Ticker(_in_thread(beat), interval=0.5):
+        if plan.has_workspace:
+            storage.discard(staging)  # left by a restore that was killed
+            status.set("extracting the workspace", counter.percent)
+            try:
+                workspace.extract(plan.directory / manifest.WORKSPACE_ARCHIVE, staging, progress=counter.add)
+            except (workspace.WorkspaceError, OSError) as exc:
+                storage.discard(staging)
+                raise OperationFailed(
+                    f"extracting the workspace failed: {_reason(exc)}. The database and the workspace are unchanged."
+                ) from None
+            reporter.step("workspace extracted into staging")
+        status.set("restoring the database", counter.percent)
+        dump_entry = plan.manifest["files"][plan.dump]
+        try:
+            database.restore(plan.directory / plan.dump, expected=dump_entry, progress=counter.add)
+        except (database.DatabaseError, OSError) as exc:
+            storage.discard(staging)
+            raise OperationFailed(
+                f"restoring the database failed: {_reason(exc)}. It was rolled back: the database and "
+                "the workspace are unchanged."
+            ) from None
+        reporter.step("database restored")
+        if plan.has_workspace:
+            status.set("swapping the workspace in", 99)
+            _swap_in(staging, live_ws)
+            reporter.step("workspace restored")
+        else:
+            reporter.step(f"workspace left as it is: the backup holds no {manifest.WORKSPACE_ARCHIVE}", ok=False)
+
+
+def _reason(exc: BaseException) -> str:
+    return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+
+
+def _swap_in(staging: Path, live: Path) -> None:
+    old = live.with_name(f".{live.name}.restore-old")
+    storage.discard(old)
+    if live.exists():
+        os.rename(live, old)
+    os.rename(staging, live)
+    storage.discard(old)
+
+
+def _after_restore(plan: RestorePlan, actor: str, later_events: list[dict]) -> int:
+    connection.close()
+    tables = set(connection.introspection.table_names())
+    if Session._meta.db_table in tables:
+        # Sessions in the restored table belong to the backup's era: everyone signs in again.
+        Session.objects.all().delete()
+    if Backup._meta.db_table in tables:
+        catalog_sync()
+    if AuditEvent._meta.db_table not in tables:
+        return 0
+    AuditEvent.objects.bulk_create(AuditEvent(**event) for event in later_events)
+    audit.record(
+        actor=actor,
+        action="backup.restored",
+        target=plan.source.name,
+        detail={"taken_at": plan.manifest["timestamp"], "db_revision": plan.manifest["db_revision"]},
+    )
+    return len(later_events)
+
+
+class _RestoreStatus:
+    def __init__(self, plan: RestorePlan):
+        self.state = {"source": plan.source.name, "step": "starting", "percent": 0, "state": "running", "error": ""}
+
+    def set(self, step: str, percent: int) -> None:
+        self.state.update(step=step, percent=percent)
+        cache.set(RESTORE_STATUS_KEY, self.state, timeout=24 * 3600)
+
+    def tick(self, percent: int) -> None:
+        self.set(self.state["step"], percent)
+
+    def finish(self) -> None:
+        self.state.update(step="done", percent=100, state="succeeded")
+        cache.set(RESTORE_STATUS_KEY, self.state, timeout=24 * 3600)
+
+    def fail(self, error: str) -> None:
+        self.state.update(state="failed", error=error)
+        cache.set(RESTORE_STATUS_KEY, self.state, timeout=24 * 3600)

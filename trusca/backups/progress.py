@@ -13,6 +13,9 @@ class Reporter:
     def progress(self, done: int, total: int) -> None:
         pass
 
+    def step(self, text: str, ok: bool = True) -> None:
+        """A step finished (ok) or needs the operator's attention (not ok)."""
+
 
 class Counter:
     def __init__(self, total: int):

@@ -126,17 +126,16 @@ def check(path: Path) -> int:
 
 
 def extract(path: Path, target: Path, *, progress: Progress) -> None:
-    """Extract into target, which must not exist yet; members are checked again as they come."""
+    """Extract into target, which must not exist yet; members are checked again as they come.
+    Progress counts compressed bytes read."""
     target.mkdir()
     seen_links: set[str] = set()
     seen_files: set[str] = set()
     try:
-        with gz.open_reader(path) as fh, _CountingTar.open(fileobj=fh, mode="r|") as tar:
+        with gz.open_reader(path, progress) as fh, _CountingTar.open(fileobj=fh, mode="r|") as tar:
             for info in tar:
                 check_member(info, seen_links, seen_files)
                 # The 'data' filter is a second, independent guard against escapes.
                 tar.extract(info, target, set_attrs=True, filter="data")
-                if info.isreg():
-                    progress(info.size)
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise WorkspaceError(f"{path.name} could not be extracted ({exc})") from None
