@@ -1,0 +1,121 @@
+import io
+import json
+
+import pytest
+from django.core.management import CommandError, call_command
+
+from tests.helpers import backup_dirs
+from trusca.backups import gz
+
+
+def verify(path) -> list[str]:
+    out = io.StringIO()
+    call_command("verify_backup", str(path), stdout=out)
+    return out.getvalue().splitlines()
+
+
+@pytest.fixture
+def backup(demo):
+    call_command("backup", "--no-prune", "--bundle", stdout=io.StringIO())
+    [directory] = backup_dirs()
+    return directory
+
+
+def dump_of(backup):
+    return next(p for p in backup.iterdir() if p.name in ("postgres.sql.gz", "sqlite.db.gz"))
+
+
+def test_a_good_backup_passes_as_a_directory_and_as_a_bundle(backup):
+    assert verify(backup)[-1].startswith("Backup OK: ")
+    assert verify(backup.with_name(f"{backup.name}.tar.gz"))[-1].startswith("Backup OK: ")
+
+
+def test_it_accepts_the_ui_naming_format(backup):
+    renamed = backup.rename(backup.with_name("manual-20260509T030000Z"))
+    assert verify(renamed)[-1].startswith("Backup OK: ")
+
+
+def test_it_catches_a_flipped_byte(backup):
+    dump = dump_of(backup)
+    data = bytearray(dump.read_bytes())
+    data[len(data) // 3] ^= 0x80
+    dump.write_bytes(bytes(data))
+    with pytest.raises(CommandError, match=f"{dump.name} does not match its sha256"):
+        verify(backup)
+
+
+def test_it_catches_a_truncated_archive(backup):
+    archive = backup / "workspace.tar.gz"
+    archive.write_bytes(archive.read_bytes()[:-64])
+    with pytest.raises(CommandError, match=r"workspace.tar.gz is \d+ bytes; the manifest says \d+ \(truncated"):
+        verify(backup)
+
+
+def test_it_catches_a_truncated_archive_whose_manifest_was_rewritten_to_match(backup):
+    archive = backup / "workspace.tar.gz"
+    archive.write_bytes(archive.read_bytes()[:-64])
+    manifest = json.loads((backup / "manifest.json").read_text())
+    manifest["files"]["workspace.tar.gz"] = {"size": archive.stat().st_size, "sha256": gz.sha256_file(archive)}
+    (backup / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CommandError, match="workspace.tar.gz does not read to its end"):
+        verify(backup)
+
+
+def test_it_catches_a_missing_file(backup):
+    (backup / "workspace.tar.gz").unlink()
+    with pytest.raises(CommandError, match="workspace.tar.gz is missing"):
+        verify(backup)
+
+
+def test_it_catches_a_wrong_checksum(backup):
+    manifest = json.loads((backup / "manifest.json").read_text())
+    name = dump_of(backup).name
+    manifest["files"][name]["sha256"] = "0" * 64
+    (backup / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CommandError, match=f"{name} does not match its sha256"):
+        verify(backup)
+
+
+@pytest.mark.parametrize(
+    ("content", "fault"),
+    [
+        (b"{not json", "does not decode as JSON"),
+        (b"[1, 2]", "is not a JSON object"),
+        (json.dumps({"format": 1}).encode(), "lacks timestamp, kind, engine"),
+    ],
+)
+def test_it_catches_a_broken_manifest(backup, content, fault):
+    (backup / "manifest.json").write_bytes(content)
+    with pytest.raises(CommandError, match=fault):
+        verify(backup)
+
+
+def test_it_reads_a_legacy_manifest_with_alembic_head(backup):
+    manifest = json.loads((backup / "manifest.json").read_text())
+    manifest["alembic_head"] = manifest.pop("db_revision")
+    (backup / "manifest.json").write_text(json.dumps(manifest))
+    assert any("db revision " in line for line in verify(backup))
+
+
+def test_it_catches_a_corrupt_bundle(backup):
+    bundle = backup.with_name(f"{backup.name}.tar.gz")
+    bundle.write_bytes(bundle.read_bytes()[: bundle.stat().st_size // 2])
+    with pytest.raises(CommandError, match="the bundle does not read as a .tar.gz"):
+        verify(bundle)
+
+
+def test_it_refuses_a_bundle_with_foreign_members(backup, tmp_path):
+    import tarfile
+
+    foreign = tmp_path / "foreign.tar.gz"
+    (tmp_path / "evil.sh").write_text("#!/bin/sh\n")
+    with tarfile.open(foreign, "w:gz") as tar:
+        tar.add(backup / "manifest.json", arcname="manifest.json")
+        tar.add(tmp_path / "evil.sh", arcname="../evil.sh")
+    with pytest.raises(CommandError, match="unexpected member '../evil.sh'"):
+        verify(foreign)
+
+
+def test_it_says_what_a_path_that_is_no_backup_is(tmp_path, transactional_db):
+    with pytest.raises(CommandError, match="neither a backup directory nor a bundle"):
+        verify(tmp_path / "nothing-here")
