@@ -2,6 +2,7 @@ import gzip
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -441,3 +442,22 @@ def test_a_second_restore_while_one_runs_is_refused(demo):
         pytest.raises(CommandError, match="a manual backup is already running"),
     ):
         restore(backup)
+
+
+def test_an_archive_swapped_after_preflight_is_caught_before_anything_changes(demo, monkeypatch):
+    backup = take_backup()
+    (settings.WORKSPACE_HOST_PATH / "other.txt").write_text("a different workspace")
+    other = take_backup()
+    change_everything()
+    before = live_state()
+    checked = operations._preflight
+
+    def preflight_then_swap(source, directory):
+        plan = checked(source, directory)
+        shutil.copyfile(other / "workspace.tar.gz", directory / "workspace.tar.gz")
+        return plan
+
+    monkeypatch.setattr(operations, "_preflight", preflight_then_swap)
+    with pytest.raises(CommandError, match="workspace.tar.gz changed since it was checked.*unchanged"):
+        restore(backup, "--no-safety-backup")
+    assert live_state() == before

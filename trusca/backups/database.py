@@ -42,15 +42,15 @@ def dump(path: Path, *, progress: Progress) -> dict:
     return _sqlite_dump(path, progress)
 
 
-def restore(path: Path, *, expected: dict, progress: Progress) -> None:
+def restore(path: Path, *, expected: dict, progress: Progress, before_commit: Callable[[], None]) -> None:
     """Load a dump in one transaction, reporting compressed bytes read. It commits only once every
-    byte was read and the file's sha256 matched ``expected``: a reader killed or a file swapped
-    underneath rolls back."""
+    byte was read, the file's sha256 matched ``expected`` and ``before_commit`` returned: a reader
+    killed, a file swapped underneath or a ``before_commit`` that raises all roll back."""
     connection.close()
     if engine() == "postgresql":
-        _psql_restore(path, expected, progress)
+        _psql_restore(path, expected, progress, before_commit)
     else:
-        _sqlite_restore(path, expected, progress)
+        _sqlite_restore(path, expected, progress, before_commit)
 
 
 # PostgreSQL ----------------------------------------------------------------------------------
@@ -168,7 +168,7 @@ $trusca$;
 """
 
 
-def _psql_restore(path: Path, expected: dict, progress: Progress) -> None:
+def _psql_restore(path: Path, expected: dict, progress: Progress, before_commit: Callable[[], None]) -> None:
     # Not --single-transaction: psql commits that at end of input, and a reader killed halfway
     # looks like end of input. Here COMMIT is sent only after the whole file was read and checked.
     with tempfile.TemporaryFile() as stderr:
@@ -189,6 +189,7 @@ def _psql_restore(path: Path, expected: dict, progress: Progress) -> None:
             if reader.entry() != expected:
                 error = f"{path.name} changed while it was being restored (checksum mismatch)"
             else:
+                before_commit()
                 proc.stdin.write(b"\nCOMMIT;\n")
         except BrokenPipeError:
             pass  # psql stopped reading: its exit status and stderr say why
@@ -218,7 +219,7 @@ def _sqlite_dump(path: Path, progress: Progress) -> dict:
     snapshot = path.with_name(path.name + ".snapshot")
     try:
         # The online backup API copies a consistent snapshot while other processes keep writing.
-        src = sqlite3.connect(f"file:{live}?mode=ro", uri=True, timeout=30)
+        src = sqlite3.connect(f"{live.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
         dst = sqlite3.connect(snapshot)
         try:
             src.backup(dst)
@@ -236,7 +237,7 @@ def _sqlite_dump(path: Path, progress: Progress) -> dict:
     return out.raw.entry()
 
 
-def _sqlite_restore(path: Path, expected: dict, progress: Progress) -> None:
+def _sqlite_restore(path: Path, expected: dict, progress: Progress, before_commit: Callable[[], None]) -> None:
     live = _sqlite_path()
     staged = live.with_name(f".{live.name}.restore")
     staged.unlink(missing_ok=True)
@@ -251,6 +252,7 @@ def _sqlite_restore(path: Path, expected: dict, progress: Progress) -> None:
         try:
             if src.execute("PRAGMA integrity_check").fetchone()[0] != "ok":
                 raise DatabaseError(f"{path.name} does not hold an intact SQLite database")
+            before_commit()
             # Copying pages into the live file is one write transaction: processes that hold the
             # file open (web, worker, beat) see the old database or the new one, never a mix,
             # which renaming a file over a WAL database they hold open would not give.

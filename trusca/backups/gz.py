@@ -108,11 +108,6 @@ class HashingReader:
         return {"size": self._size, "sha256": self._sha.hexdigest()}
 
 
-def open_reader(path: Path, progress=None):
-    """A decompressing reader whose inflate runs in its own thread, beside the caller's work."""
-    return gzip_ng_threaded.open(HashingReader(path, progress), "rb", threads=1)
-
-
 def test_stream(path: Path) -> int:
     """Decompress to the end (what ``gunzip -t`` does); return the uncompressed size."""
     total = 0

@@ -142,29 +142,20 @@ def _run_backup(
             Backup.objects.filter(pk=row.pk).update(progress=counter.percent, heartbeat_at=timezone.now())
             reporter.progress(counter.done, counter.total)
 
-        results: dict[str, dict] = {}
-        errors: list[BaseException] = []
-
-        def dump_database() -> None:
+        def dump_database() -> dict:
             try:
-                results[dump_name] = database.dump(staging / dump_name, progress=counter.add)
-            except BaseException as exc:
-                errors.append(exc)
+                return database.dump(staging / dump_name, progress=counter.add)
             finally:
                 connection.close()
 
         with Ticker(_in_thread(beat), interval=0.5):
             # The database and the workspace are compressed at the same time, one per core.
-            dumper = threading.Thread(target=dump_database, name="trusca-dump")
-            dumper.start()
+            dumper = _Background(dump_database)
             try:
-                results[manifest.WORKSPACE_ARCHIVE] = workspace.archive(
-                    ws_root, staging / manifest.WORKSPACE_ARCHIVE, progress=counter.add
-                )
+                archived = workspace.archive(ws_root, staging / manifest.WORKSPACE_ARCHIVE, progress=counter.add)
             finally:
-                dumper.join()
-        if errors:
-            raise errors[0]
+                dumper.join(reraise=False)
+            dumper.join()
         revision = manifest.db_revision(applied)
         document = {
             "format": manifest.FORMAT,
@@ -176,7 +167,7 @@ def _run_backup(
             "db_size": db_size,
             "workspace_path": str(ws_root),
             "app_version": trusca.__version__,
-            "files": {dump_name: results[dump_name], manifest.WORKSPACE_ARCHIVE: results[manifest.WORKSPACE_ARCHIVE]},
+            "files": {dump_name: dumper.result, manifest.WORKSPACE_ARCHIVE: archived},
         }
         manifest.write(staging, document)
         final = storage.publish(staging, row.name)
@@ -564,27 +555,41 @@ def _replace_state(plan: RestorePlan, lock: locks.OperationLock, status, reporte
         status.tick(counter.percent)
         reporter.progress(counter.done, counter.total)
 
+    extraction = None
     with Ticker(_in_thread(beat), interval=0.5):
         if plan.has_workspace:
             storage.discard(staging)  # left by a restore that was killed
-            status.set("extracting the workspace", counter.percent)
-            try:
-                workspace.extract(plan.directory / manifest.WORKSPACE_ARCHIVE, staging, progress=counter.add)
-            except (workspace.WorkspaceError, OSError) as exc:
-                storage.discard(staging)
-                raise OperationFailed(
-                    f"extracting the workspace failed: {_reason(exc)}. The database and the workspace are unchanged."
-                ) from None
-            reporter.step("workspace extracted into staging")
+            # The workspace is staged while the database loads: one core each.
+            extraction = _Background(
+                workspace.extract,
+                plan.directory / manifest.WORKSPACE_ARCHIVE,
+                staging,
+                expected=plan.manifest["files"][manifest.WORKSPACE_ARCHIVE],
+                progress=counter.add,
+            )
         status.set("restoring the database", counter.percent)
-        dump_entry = plan.manifest["files"][plan.dump]
+
+        def workspace_staged() -> None:
+            # The database commits only once the workspace is staged whole: both change or neither.
+            if extraction is not None:
+                extraction.join()
+                reporter.step("workspace extracted into staging")
+
         try:
-            database.restore(plan.directory / plan.dump, expected=dump_entry, progress=counter.add)
-        except (database.DatabaseError, OSError) as exc:
+            database.restore(
+                plan.directory / plan.dump,
+                expected=plan.manifest["files"][plan.dump],
+                progress=counter.add,
+                before_commit=workspace_staged,
+            )
+        except (workspace.WorkspaceError, OSError, database.DatabaseError) as exc:
+            if extraction is not None:
+                extraction.join(reraise=False)
             storage.discard(staging)
+            what = "extracting the workspace" if isinstance(exc, workspace.WorkspaceError) else "restoring the database"
             raise OperationFailed(
-                f"restoring the database failed: {_reason(exc)}. It was rolled back: the database and "
-                "the workspace are unchanged."
+                f"{what} failed: {_reason(exc)}. The database was rolled back: the database and the workspace "
+                "are unchanged."
             ) from None
         reporter.step("database restored")
         if plan.has_workspace:
@@ -593,6 +598,28 @@ def _replace_state(plan: RestorePlan, lock: locks.OperationLock, status, reporte
             reporter.step("workspace restored")
         else:
             reporter.step(f"workspace left as it is: the backup holds no {manifest.WORKSPACE_ARCHIVE}", ok=False)
+
+
+class _Background:
+    """Runs a function in a thread; join() re-raises what it raised, in the caller."""
+
+    def __init__(self, fn, *args, **kwargs):
+        self.error: BaseException | None = None
+        self.result = None
+
+        def run() -> None:
+            try:
+                self.result = fn(*args, **kwargs)
+            except BaseException as exc:
+                self.error = exc
+
+        self._thread = threading.Thread(target=run, name="trusca-background", daemon=True)
+        self._thread.start()
+
+    def join(self, *, reraise: bool = True) -> None:
+        self._thread.join()
+        if reraise and self.error is not None:
+            raise self.error
 
 
 def _reason(exc: BaseException) -> str:

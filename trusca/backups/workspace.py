@@ -125,17 +125,22 @@ def check(path: Path) -> int:
     return count
 
 
-def extract(path: Path, target: Path, *, progress: Progress) -> None:
-    """Extract into target, which must not exist yet; members are checked again as they come.
-    Progress counts compressed bytes read."""
+def extract(path: Path, target: Path, *, expected: dict, progress: Progress) -> None:
+    """Extract into target, which must not exist yet; members are checked again as they come, and
+    the file must still be the one the manifest describes. Progress counts compressed bytes."""
     target.mkdir()
     seen_links: set[str] = set()
     seen_files: set[str] = set()
+    raw = gz.HashingReader(path, progress)
     try:
-        with gz.open_reader(path, progress) as fh, _CountingTar.open(fileobj=fh, mode="r|") as tar:
+        with gz.gzip_ng_threaded.open(raw, "rb", threads=1) as fh, _CountingTar.open(fileobj=fh, mode="r|") as tar:
             for info in tar:
                 check_member(info, seen_links, seen_files)
                 # The 'data' filter is a second, independent guard against escapes.
                 tar.extract(info, target, set_attrs=True, filter="data")
+            while fh.read(gz.CHUNK):
+                pass  # to the end, so the checksum covers every byte
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise WorkspaceError(f"{path.name} could not be extracted ({exc})") from None
+    if raw.entry() != expected:
+        raise WorkspaceError(f"{path.name} changed since it was checked (checksum mismatch)")
