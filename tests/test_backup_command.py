@@ -212,3 +212,26 @@ def test_the_row_records_size_revision_and_manifest(demo):
     assert row.size_bytes == sum(p.stat().st_size for p in directory.iterdir())
     assert row.db_revision == row.manifest["db_revision"]
     assert AuditEvent.objects.filter(action="backup.created", target=row.name).exists()
+
+
+def test_the_database_password_never_reaches_a_command_line(demo, monkeypatch, tmp_path):
+    if connection.vendor != "postgresql":
+        pytest.skip("PostgreSQL engine only")
+    # Trust authentication ignores the password, so it can be set to a marker and traced.
+    monkeypatch.setitem(settings.DATABASES["default"], "PASSWORD", "hunter2-do-not-leak")
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    real = subprocess.run(["which", "pg_dump"], capture_output=True, text=True).stdout.strip()
+    trace = tmp_path / "trace"
+    (fake / "pg_dump").write_text(
+        f'#!/bin/sh\necho "ARGS $*" >> {trace}\necho "ENV $PGPASSWORD" >> {trace}\nexec {real} "$@"\n'
+    )
+    (fake / "pg_dump").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    lines = run_backup()
+    args = [line for line in trace.read_text().splitlines() if line.startswith("ARGS")]
+    assert args and not any("hunter2" in line for line in args)
+    assert "ENV hunter2-do-not-leak" in trace.read_text()
+    [directory] = backup_dirs()
+    assert b"hunter2" not in (directory / "manifest.json").read_bytes()
+    assert not any("hunter2" in line for line in lines)
