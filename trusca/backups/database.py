@@ -58,19 +58,18 @@ def restore(path: Path, *, expected: dict, progress: Progress, before_commit: Ca
 
 def _pg_env() -> dict[str, str]:
     # Everything, the password above all, goes through the environment: nothing shows in `ps`.
+    # What DATABASE_URL leaves out (a password, say) libpq takes from PG* variables or ~/.pgpass.
     db = settings.DATABASES["default"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env = dict(os.environ)
     pairs = {
         "PGDATABASE": db["NAME"],
         "PGUSER": db.get("USER"),
         "PGPASSWORD": db.get("PASSWORD"),
         "PGHOST": db.get("HOST"),
         "PGPORT": str(db.get("PORT") or ""),
+        "PGSSLMODE": db.get("OPTIONS", {}).get("sslmode"),
     }
     env.update({k: str(v) for k, v in pairs.items() if v})
-    sslmode = db.get("OPTIONS", {}).get("sslmode")
-    if sslmode:
-        env["PGSSLMODE"] = sslmode
     env["PGAPPNAME"] = "trusca-backup"
     return env
 
