@@ -17,8 +17,9 @@ export TEST_REDIS_URL="${TEST_REDIS_URL:-redis://127.0.0.1:6379/0}"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 
-echo "== PostgreSQL: the whole suite"
-DATABASE_URL="$TEST_DATABASE_URL" TRUSCA_TEST_ENGINE=postgresql .venv/bin/pytest "$@"
+echo "== PostgreSQL and Redis: the whole suite"
+DATABASE_URL="$TEST_DATABASE_URL" CELERY_BROKER_URL="$TEST_REDIS_URL" TRUSCA_TEST_ENGINE=postgresql \
+    .venv/bin/pytest "$@"
 echo "== SQLite: everything but the browser and worker integration tests"
 DATABASE_URL="sqlite:///$PWD/var/trusca-test.sqlite3" TRUSCA_TEST_ENGINE=sqlite \
     .venv/bin/pytest -m "not integration and not e2e" "$@"

@@ -163,6 +163,7 @@ MIDDLEWARE = [
 ]
 
 ROOT_URLCONF = "trusca.urls"
+CSRF_FAILURE_VIEW = "trusca.backups.views.csrf_failure"
 WSGI_APPLICATION = "trusca.wsgi.application"
 TEMPLATES = [
     {

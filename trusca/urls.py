@@ -1,5 +1,5 @@
 from django.contrib import admin
-from django.urls import path
+from django.urls import include, path
 from django.views.generic import RedirectView
 
 admin.site.site_header = "TRUSCA administration"
@@ -7,5 +7,7 @@ admin.site.site_title = "TRUSCA"
 
 urlpatterns = [
     path("", RedirectView.as_view(url="/admin/", permanent=False)),
+    # Before the admin's own URLs, whose catch-all would otherwise answer /admin/backup/ with a 404.
+    path("admin/backup/", include("trusca.backups.urls")),
     path("admin/", admin.site.urls),
 ]

@@ -62,10 +62,6 @@ def stream(directory: Path) -> Iterator[bytes]:
     yield sink.drain()
 
 
-def size_estimate(directory: Path) -> int:
-    return sum(p.stat().st_size for p in members(directory))
-
-
 def write(directory: Path, target: Path) -> int:
     partial = target.with_name(f".{target.name}.partial-{int(time.time())}")
     try:

@@ -34,6 +34,8 @@ class Backup(models.Model):
 
     class Meta:
         ordering = ["-created_at", "-id"]
+        # The admin sidebar's entry reads "Backup", the page it leads to.
+        verbose_name_plural = "Backup"
 
     def __str__(self) -> str:
         return self.name

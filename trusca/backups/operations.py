@@ -392,12 +392,12 @@ def backup_delete(*, backup: Backup, actor, request=None) -> None:
 
 
 def backup_download(*, backup: Backup, actor, request=None):
-    """The bundle of a succeeded backup as a stream of chunks, and its approximate size."""
+    """The bundle of a succeeded backup as a stream of chunks."""
     path = storage.path_of(backup.name)
     if backup.status != Backup.Status.SUCCEEDED or not path.is_dir():
         raise OperationFailed(f"{backup.name} has no files to download")
     audit.record(actor=actor, action="backup.downloaded", target=backup.name, request=request)
-    return bundle.stream(path), bundle.size_estimate(path)
+    return bundle.stream(path)
 
 
 # Restore -------------------------------------------------------------------------------------

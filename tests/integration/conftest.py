@@ -1,0 +1,3 @@
+from tests.integration.worker import celery_worker
+
+__all__ = ["celery_worker"]
