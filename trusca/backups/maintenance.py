@@ -1,5 +1,5 @@
 """Maintenance mode: while a restore replaces the database and workspace, the web answers 503
-(with Retry-After) to everything but the restore's own status, and workers hold other tasks.
+(with Retry-After) and workers hold other tasks.
 
 The flag lives in the cache, not the database being replaced, with a lifetime its holder keeps
 renewing: a restore that dies cannot leave the portal closed for good.
@@ -14,8 +14,8 @@ from django.utils import timezone
 
 KEY = "trusca:maintenance"
 RETRY_AFTER_SECONDS = 30
-# The restore's own status stays reachable, so the operator can watch it finish.
-ALLOWED_PREFIXES = ("/admin/backup/restore/status", "/static/")
+# Static files need no database, and the 503 page may use them.
+ALLOWED_PREFIXES = ("/static/",)
 
 
 def enter(reason: str) -> None:
