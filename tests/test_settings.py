@@ -27,7 +27,6 @@ def start(tmp_path, **env) -> subprocess.CompletedProcess:
         ({"DEBUG": "yes"}, "DEBUG is 'yes'; set it to True or False"),
         ({"BACKUP_RETENTION_DAYS": "seven"}, "BACKUP_RETENTION_DAYS is 'seven'; set it to a whole number"),
         ({"BACKUP_RETENTION_DAYS": "0"}, "BACKUP_RETENTION_DAYS is 0; it must be at least 1"),
-        ({"BACKUP_COMPRESSION_LEVEL": "12"}, "BACKUP_COMPRESSION_LEVEL is 12; use 1 to 9"),
         ({"DATABASE_URL": "mysql://x@y/z"}, "DATABASE_URL must point at PostgreSQL"),
         ({"CELERY_BROKER_URL": "sqs://"}, "CELERY_BROKER_URL must be filesystem://"),
         ({"CACHE_URL": "memcached://x"}, "CACHE_URL must be a redis:// URL"),

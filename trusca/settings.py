@@ -76,10 +76,6 @@ CSRF_TRUSTED_ORIGINS = [o.strip() for o in envstr("CSRF_TRUSTED_ORIGINS").split(
 WORKSPACE_HOST_PATH = envpath("WORKSPACE_HOST_PATH", "workspace")
 BACKUP_ROOT = envpath("BACKUP_ROOT", "backups")
 BACKUP_RETENTION_DAYS = envint("BACKUP_RETENTION_DAYS", "7", minimum=1)
-# Level 3 of zlib-ng stays within a few percent of gzip -6's size at several times its speed.
-BACKUP_COMPRESSION_LEVEL = envint("BACKUP_COMPRESSION_LEVEL", "3", minimum=1)
-if BACKUP_COMPRESSION_LEVEL > 9:
-    raise ImproperlyConfigured(f"BACKUP_COMPRESSION_LEVEL is {BACKUP_COMPRESSION_LEVEL}; use 1 to 9")
 # A running backup or restore refreshes its heartbeat this often; one silent for
 # BACKUP_STALE_SECONDS is taken for dead, its lock freed and its row marked failed.
 BACKUP_HEARTBEAT_SECONDS = envint("BACKUP_HEARTBEAT_SECONDS", "10", minimum=1)

@@ -14,7 +14,7 @@ RUN_TIMEOUT_SECONDS = 60
 
 
 def test_a_manual_backup_queued_from_the_admin_runs_on_the_worker_to_succeeded(celery_worker, su_client):
-    fill_workspace(megabytes=100)
+    fill_workspace(megabytes=200)
     response = su_client.post(reverse("backups:run"), headers={"accept": "application/json"})
     assert response.status_code == 202
     status_url = response.json()["status_url"]

@@ -9,7 +9,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from zlib_ng import gzip_ng
+from isal import igzip
 
 from trusca.backups import gz
 from trusca.backups.manifest import DUMP_FILES, MANIFEST, WORKSPACE_ARCHIVE
@@ -44,7 +44,7 @@ def members(directory: Path) -> list[Path]:
 
 def stream(directory: Path) -> Iterator[bytes]:
     sink = _Sink()
-    out = gzip_ng.GzipFile(fileobj=sink, mode="wb", compresslevel=1)
+    out = igzip.GzipFile(fileobj=sink, mode="wb", compresslevel=0)
     for path in members(directory):
         info = tarfile.TarInfo(path.name)
         st = path.stat()
@@ -82,11 +82,10 @@ def unpack(source, target: Path) -> None:
     """
     seen: set[str] = set()
     try:
-        with tarfile.open(
-            name=None if hasattr(source, "read") else source,
-            fileobj=source if hasattr(source, "read") else None,
-            mode="r|gz",
-        ) as tar:
+        with (
+            igzip.open(source, "rb") as unzipped,
+            tarfile.open(fileobj=unzipped, mode="r|") as tar,
+        ):
             for info in tar:
                 if info.name not in MEMBER_ORDER:
                     raise BundleError(f"the bundle holds an unexpected member {info.name!r}")
@@ -99,7 +98,7 @@ def unpack(source, target: Path) -> None:
                 with open(target / info.name, "xb") as out:
                     while chunk := src.read(gz.CHUNK):
                         out.write(chunk)
-    except (tarfile.TarError, EOFError, OSError, gzip_ng.BadGzipFile) as exc:
+    except (tarfile.TarError, EOFError, OSError, igzip.BadGzipFile) as exc:
         raise BundleError(f"the bundle does not read as a .tar.gz ({exc})") from None
     if MANIFEST not in seen:
         raise BundleError(f"the bundle has no {MANIFEST}")

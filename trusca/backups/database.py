@@ -182,7 +182,7 @@ def _psql_restore(path: Path, expected: dict, progress: Progress, before_commit:
         try:
             proc.stdin.write(_DROP_EVERYTHING.encode())
             reader = gz.HashingReader(path, progress=progress)
-            with gz.gzip_ng.open(reader, "rb") as dump:
+            with gz.open_read(reader) as dump:
                 while chunk := dump.read(gz.CHUNK):
                     proc.stdin.write(chunk)
             if reader.entry() != expected:
@@ -242,7 +242,7 @@ def _sqlite_restore(path: Path, expected: dict, progress: Progress, before_commi
     staged.unlink(missing_ok=True)
     try:
         reader = gz.HashingReader(path, progress=progress)
-        with gz.gzip_ng.open(reader, "rb") as dump, open(staged, "xb") as out:
+        with gz.open_read(reader) as dump, open(staged, "xb") as out:
             while chunk := dump.read(gz.CHUNK):
                 out.write(chunk)
         if reader.entry() != expected:

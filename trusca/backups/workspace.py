@@ -43,7 +43,7 @@ def archive(root: Path, path: Path, *, progress: Progress) -> dict:
         raise WorkspaceError(f"the workspace directory {root} does not exist or is not a directory")
     with (
         gz.GzipFileWriter(path) as out,
-        _CountingTar.open(fileobj=out.stream, mode="w|", format=tarfile.PAX_FORMAT) as tar,
+        _CountingTar.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar,
     ):
         for full, arcname in _walk(root):
             try:
@@ -116,7 +116,7 @@ def check(path: Path) -> int:
     seen_files: set[str] = set()
     count = 0
     try:
-        with gz.gzip_ng.open(path, "rb") as fh, tarfile.open(fileobj=fh, mode="r|") as tar:
+        with gz.open_read(path) as fh, tarfile.open(fileobj=fh, mode="r|") as tar:
             for info in tar:
                 check_member(info, seen_links, seen_files)
                 count += 1
@@ -133,7 +133,7 @@ def extract(path: Path, target: Path, *, expected: dict, progress: Progress) -> 
     seen_files: set[str] = set()
     raw = gz.HashingReader(path, progress)
     try:
-        with gz.gzip_ng_threaded.open(raw, "rb", threads=1) as fh, _CountingTar.open(fileobj=fh, mode="r|") as tar:
+        with gz.open_read(raw) as fh, _CountingTar.open(fileobj=fh, mode="r|") as tar:
             for info in tar:
                 check_member(info, seen_links, seen_files)
                 # The 'data' filter is a second, independent guard against escapes.
