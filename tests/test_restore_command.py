@@ -461,3 +461,17 @@ def test_an_archive_swapped_after_preflight_is_caught_before_anything_changes(de
     with pytest.raises(CommandError, match="workspace.tar.gz changed since it was checked.*unchanged"):
         restore(backup, "--no-safety-backup")
     assert live_state() == before
+
+
+def test_links_inside_the_workspace_come_back_as_links(demo):
+    ws = settings.WORKSPACE_HOST_PATH
+    (ws / "clone").mkdir()
+    (ws / "clone" / "LICENSE").write_text("MIT License")
+    os.symlink("LICENSE", ws / "clone" / "COPYING")
+    os.link(ws / "clone" / "LICENSE", ws / "clone" / "LICENSE.hard")
+    backup = take_backup()
+    shutil.rmtree(ws / "clone")
+    restore(backup, "--no-safety-backup")
+    assert os.readlink(ws / "clone" / "COPYING") == "LICENSE"
+    assert (ws / "clone" / "LICENSE.hard").read_text() == "MIT License"
+    assert os.stat(ws / "clone" / "LICENSE.hard").st_ino == os.stat(ws / "clone" / "LICENSE").st_ino

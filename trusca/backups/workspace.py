@@ -33,9 +33,20 @@ def measure(root: Path) -> int:
     return total
 
 
-class _CountingTar(tarfile.TarFile):
+class _StreamingTar(tarfile.TarFile):
+    """A tar read or written once, front to back. TarFile keeps every member it has seen, which
+    grows with the archive; a stream never looks back, so memory stays flat whatever its size."""
+
     # tarfile copies member data in 16 KiB pieces by default; bigger ones cut the per-call cost.
     copybufsize = gz.CHUNK
+
+    def addfile(self, tarinfo, fileobj=None):
+        super().addfile(tarinfo, fileobj)
+        self.members.clear()
+
+    def next(self):
+        self.members.clear()
+        return super().next()
 
 
 def archive(root: Path, path: Path, *, progress: Progress) -> dict:
@@ -43,7 +54,7 @@ def archive(root: Path, path: Path, *, progress: Progress) -> dict:
         raise WorkspaceError(f"the workspace directory {root} does not exist or is not a directory")
     with (
         gz.GzipFileWriter(path) as out,
-        _CountingTar.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar,
+        _StreamingTar.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar,
     ):
         for full, arcname in _walk(root):
             try:
@@ -116,7 +127,7 @@ def check(path: Path) -> int:
     seen_files: set[str] = set()
     count = 0
     try:
-        with gz.open_read(path) as fh, tarfile.open(fileobj=fh, mode="r|") as tar:
+        with gz.open_read(path) as fh, _StreamingTar.open(fileobj=fh, mode="r|") as tar:
             for info in tar:
                 check_member(info, seen_links, seen_files)
                 count += 1
@@ -133,7 +144,7 @@ def extract(path: Path, target: Path, *, expected: dict, progress: Progress) -> 
     seen_files: set[str] = set()
     raw = gz.HashingReader(path, progress)
     try:
-        with gz.open_read(raw) as fh, _CountingTar.open(fileobj=fh, mode="r|") as tar:
+        with gz.open_read(raw) as fh, _StreamingTar.open(fileobj=fh, mode="r|") as tar:
             for info in tar:
                 check_member(info, seen_links, seen_files)
                 # The 'data' filter is a second, independent guard against escapes.
