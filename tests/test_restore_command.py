@@ -475,3 +475,16 @@ def test_links_inside_the_workspace_come_back_as_links(demo):
     assert os.readlink(ws / "clone" / "COPYING") == "LICENSE"
     assert (ws / "clone" / "LICENSE.hard").read_text() == "MIT License"
     assert os.stat(ws / "clone" / "LICENSE.hard").st_ino == os.stat(ws / "clone" / "LICENSE").st_ino
+
+
+def test_setuid_bits_do_not_survive_extraction(demo):
+    backup = take_backup()
+
+    def add(tar):
+        info = tarfile.TarInfo("tool.sh")
+        info.size, info.mode = 3, 0o4777
+        tar.addfile(info, io.BytesIO(b"#!\n"))
+
+    with_member(backup, add)
+    restore(backup, "--no-safety-backup")
+    assert (settings.WORKSPACE_HOST_PATH / "tool.sh").stat().st_mode & 0o7777 == 0o777
