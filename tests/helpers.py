@@ -1,7 +1,9 @@
 import os
 from pathlib import Path
+from urllib.parse import quote
 
 from django.conf import settings
+from django.db import connection
 
 
 def backup_dirs() -> list[Path]:
@@ -23,3 +25,25 @@ def tree(root: Path) -> dict[str, bytes]:
             else:
                 found[rel] = b"<dir>"
     return found
+
+
+def database_url() -> str:
+    """The URL of the test database (not the one DATABASE_URL names) for another process."""
+    db = connection.settings_dict
+    if connection.vendor == "sqlite":
+        return f"sqlite:///{db['NAME']}"
+    credentials = quote(db["USER"] or "", safe="") + (f":{quote(db['PASSWORD'], safe='')}" if db["PASSWORD"] else "")
+    return f"postgres://{credentials}@{db['HOST'] or 'localhost'}:{db['PORT'] or 5432}/{db['NAME']}"
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment for a manage.py, script or worker process that shares this test's
+    database, directories and cache."""
+    return {
+        **os.environ,
+        "DATABASE_URL": database_url(),
+        "WORKSPACE_HOST_PATH": str(settings.WORKSPACE_HOST_PATH),
+        "BACKUP_ROOT": str(settings.BACKUP_ROOT),
+        "TRUSCA_VAR_DIR": str(settings.VAR_DIR),
+        **extra,
+    }

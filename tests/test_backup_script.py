@@ -5,24 +5,8 @@ import subprocess
 from pathlib import Path
 
 from django.conf import settings
-from django.db import connection
 
-from tests.helpers import backup_dirs
-
-
-def env_for_subprocess() -> dict[str, str]:
-    db = settings.DATABASES["default"]
-    if connection.vendor == "postgresql":
-        url = f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
-    else:
-        url = f"sqlite:///{db['NAME']}"
-    return {
-        **os.environ,
-        "DATABASE_URL": url,
-        "WORKSPACE_HOST_PATH": str(settings.WORKSPACE_HOST_PATH),
-        "BACKUP_ROOT": str(settings.BACKUP_ROOT),
-        "TRUSCA_VAR_DIR": str(settings.VAR_DIR),
-    }
+from tests.helpers import backup_dirs, subprocess_env
 
 
 def test_it_works_from_another_directory_and_prints_only_the_plain_lines(demo):
@@ -30,7 +14,7 @@ def test_it_works_from_another_directory_and_prints_only_the_plain_lines(demo):
     result = subprocess.run(
         [str(script), "--no-prune"],
         cwd="/",
-        env=env_for_subprocess(),
+        env=subprocess_env(),
         capture_output=True,
         text=True,
         stdin=subprocess.DEVNULL,
@@ -51,7 +35,7 @@ def test_on_a_terminal_it_shows_live_progress_on_stderr(demo):
     script = Path(settings.BASE_DIR) / "scripts" / "backup.sh"
     proc = subprocess.Popen(
         [str(script), "--no-prune"],
-        env=env_for_subprocess(),
+        env=subprocess_env(),
         stdout=subprocess.PIPE,
         stderr=follower,
         stdin=subprocess.DEVNULL,

@@ -16,7 +16,7 @@ from django.contrib.sessions.backends.db import SessionStore
 from django.core.management import CommandError, call_command
 from django.db import connection
 
-from tests.helpers import backup_dirs, tree
+from tests.helpers import backup_dirs, subprocess_env, tree
 from trusca.backups import gz, maintenance, operations
 from trusca.backups.models import Backup
 from trusca.portal import audit
@@ -185,21 +185,6 @@ def test_a_dump_failing_in_its_last_statement_changes_nothing(demo):
     assert live_state() == before
     assert not list(settings.WORKSPACE_HOST_PATH.parent.glob(".workspace.restore-*"))
     assert maintenance.active() is None
-
-
-def subprocess_env() -> dict[str, str]:
-    db = settings.DATABASES["default"]
-    if connection.vendor == "postgresql":
-        url = f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
-    else:
-        url = f"sqlite:///{db['NAME']}"
-    return {
-        **os.environ,
-        "DATABASE_URL": url,
-        "WORKSPACE_HOST_PATH": str(settings.WORKSPACE_HOST_PATH),
-        "BACKUP_ROOT": str(settings.BACKUP_ROOT),
-        "TRUSCA_VAR_DIR": str(settings.VAR_DIR),
-    }
 
 
 def test_a_restore_killed_while_loading_the_database_changes_nothing(transactional_db):

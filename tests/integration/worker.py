@@ -8,27 +8,17 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from urllib.parse import quote
 
 import pytest
 from django.conf import settings
 from django.core.cache import cache
-from django.db import connection
 
+from tests.helpers import subprocess_env
 from trusca.backups import locks, maintenance
 from trusca.celery import app as celery_app
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 START_TIMEOUT_SECONDS = 30
-
-
-def database_url() -> str:
-    """The URL of the test database (not the one DATABASE_URL names) for another process."""
-    db = connection.settings_dict
-    if connection.vendor == "sqlite":
-        return f"sqlite:///{db['NAME']}"
-    credentials = quote(db["USER"] or "", safe="") + (f":{quote(db['PASSWORD'], safe='')}" if db["PASSWORD"] else "")
-    return f"postgres://{credentials}@{db['HOST'] or 'localhost'}:{db['PORT'] or 5432}/{db['NAME']}"
 
 
 def fill_workspace(megabytes: int) -> None:
@@ -50,15 +40,7 @@ def celery_worker(transactional_db, settings, tmp_path):
     if celery_app.conf.broker_url != REDIS_URL:
         pytest.fail(f"run the worker tests with CELERY_BROKER_URL={REDIS_URL} (scripts/test.sh does)")
     celery_app.control.purge()  # messages an interrupted earlier run left behind
-    env = {
-        **os.environ,
-        "DATABASE_URL": database_url(),
-        "CELERY_BROKER_URL": REDIS_URL,
-        "CACHE_URL": REDIS_URL,
-        "WORKSPACE_HOST_PATH": str(settings.WORKSPACE_HOST_PATH),
-        "BACKUP_ROOT": str(settings.BACKUP_ROOT),
-        "TRUSCA_VAR_DIR": str(settings.VAR_DIR),
-    }
+    env = subprocess_env(CELERY_BROKER_URL=REDIS_URL, CACHE_URL=REDIS_URL)
     log_path = tmp_path / "worker.log"
     with open(log_path, "wb") as log:
         worker = subprocess.Popen(
