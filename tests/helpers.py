@@ -47,3 +47,13 @@ def subprocess_env(**extra: str) -> dict[str, str]:
         "TRUSCA_VAR_DIR": str(settings.VAR_DIR),
         **extra,
     }
+
+
+def fill_workspace(megabytes: int) -> None:
+    """Scan-like text that compresses like real sources, so the archive takes long enough for
+    the progress bar to be seen between 0 and 100."""
+    letters = bytes.maketrans(bytes(range(256)), (b"abcdefghijklmnopqrstuvwxyz    \n" * 9)[:256])
+    for i in range(megabytes):
+        directory = settings.WORKSPACE_HOST_PATH / str(i // 10) / "source"
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / f"file_{i:04}.txt").write_bytes(os.urandom(1 << 20).translate(letters))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from django.conf import settings
 
-from tests.helpers import backup_dirs, subprocess_env
+from tests.helpers import backup_dirs, fill_workspace, subprocess_env
 
 
 def test_it_works_from_another_directory_and_prints_only_the_plain_lines(demo):
@@ -30,7 +30,7 @@ def test_it_works_from_another_directory_and_prints_only_the_plain_lines(demo):
 def test_on_a_terminal_it_shows_live_progress_on_stderr(demo):
     import pty
 
-    (settings.WORKSPACE_HOST_PATH / "big.bin").write_bytes(os.urandom(64 * 1024 * 1024))
+    fill_workspace(megabytes=150)  # enough text that the backup outlasts a few progress ticks
     leader, follower = pty.openpty()
     script = Path(settings.BASE_DIR) / "scripts" / "backup.sh"
     proc = subprocess.Popen(

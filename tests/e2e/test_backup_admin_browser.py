@@ -5,7 +5,7 @@ from django.core.management import call_command
 from django.utils import timezone
 from playwright.sync_api import expect
 
-from tests.integration.worker import fill_workspace
+from tests.helpers import fill_workspace
 from trusca.backups import locks
 from trusca.backups.models import Backup
 from trusca.backups.naming import format_name

@@ -3,7 +3,7 @@ import time
 import pytest
 from django.urls import reverse
 
-from tests.integration.worker import fill_workspace
+from tests.helpers import fill_workspace
 from trusca.backups import storage
 from trusca.backups.models import Backup
 from trusca.portal.models import AuditEvent

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-from django.conf import settings
 from django.core.cache import cache
 
 from tests.helpers import subprocess_env
@@ -19,16 +18,6 @@ from trusca.celery import app as celery_app
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 START_TIMEOUT_SECONDS = 30
-
-
-def fill_workspace(megabytes: int) -> None:
-    """Scan-like text that compresses like real sources, so the archive takes long enough for
-    the progress bar to be seen between 0 and 100."""
-    letters = bytes.maketrans(bytes(range(256)), (b"abcdefghijklmnopqrstuvwxyz    \n" * 9)[:256])
-    for i in range(megabytes):
-        directory = settings.WORKSPACE_HOST_PATH / str(i // 10) / "source"
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / f"file_{i:04}.txt").write_bytes(os.urandom(1 << 20).translate(letters))
 
 
 @pytest.fixture
