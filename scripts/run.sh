@@ -63,7 +63,7 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 
 options = getattr(settings, "CELERY_BROKER_TRANSPORT_OPTIONS", {})
-for key in ("data_folder_in", "data_folder_out", "processed_folder"):
+for key in ("data_folder_in", "data_folder_out", "processed_folder", "control_folder"):
     if key in options:
         os.makedirs(options[key], exist_ok=True)
 

@@ -29,6 +29,7 @@ def free_port() -> int:
 
 @pytest.fixture
 def portal(tmp_path):
+    repo_entries = set(settings.BASE_DIR.iterdir())
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "CELERY_BROKER_URL", "CACHE_URL")}
     env.update(
@@ -60,6 +61,8 @@ def portal(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
+    # All state goes to the directories the environment names, none into the checkout.
+    assert set(settings.BASE_DIR.iterdir()) == repo_entries
 
 
 def test_the_start_command_brings_up_a_working_admin_with_a_worker(portal):
