@@ -111,6 +111,16 @@ def test_the_postgres_dump_loads_by_hand_into_an_empty_database(demo):
         subprocess.run(["dropdb", "--if-exists", scratch], env=env, check=True)
 
 
+def fake_pg_dump(monkeypatch, tmp_path, script: str) -> None:
+    """Put a shell script named pg_dump first on PATH; ``{real}`` in it names the real one."""
+    real = subprocess.run(["which", "pg_dump"], capture_output=True, text=True).stdout.strip()
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "pg_dump").write_text("#!/bin/sh\n" + script.replace("{real}", real) + "\n")
+    (fake / "pg_dump").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+
+
 def test_the_sqlite_snapshot_loads_by_hand(demo, tmp_path):
     if connection.vendor != "sqlite":
         pytest.skip("SQLite engine only")
@@ -151,15 +161,12 @@ def test_it_fails_cleanly_when_the_workspace_cannot_be_read(demo):
 def test_it_fails_cleanly_when_pg_dump_fails(demo, monkeypatch, tmp_path):
     if connection.vendor != "postgresql":
         pytest.skip("PostgreSQL engine only")
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    real = subprocess.run(["which", "pg_dump"], capture_output=True, text=True).stdout.strip()
-    (fake / "pg_dump").write_text(
-        f'#!/bin/sh\ncase "$1" in --version) exec {real} --version;; esac\n'
-        f'{real} "$@" | head -c 2000\necho "pg_dump: error: connection lost" >&2\nexit 1\n'
+    fake_pg_dump(
+        monkeypatch,
+        tmp_path,
+        'case "$1" in --version) exec {real} --version;; esac\n'
+        '{real} "$@" | head -c 2000\necho "pg_dump: error: connection lost" >&2\nexit 1',
     )
-    (fake / "pg_dump").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
     with pytest.raises(CommandError, match="pg_dump exited with status 1: pg_dump: error: connection lost"):
         run_backup()
     assert not any(settings.BACKUP_ROOT.iterdir())
@@ -169,11 +176,7 @@ def test_it_fails_cleanly_when_pg_dump_fails(demo, monkeypatch, tmp_path):
 def test_it_refuses_a_pg_dump_older_than_the_server(demo, monkeypatch, tmp_path):
     if connection.vendor != "postgresql":
         pytest.skip("PostgreSQL engine only")
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    (fake / "pg_dump").write_text('#!/bin/sh\necho "pg_dump (PostgreSQL) 9.6.24"\n')
-    (fake / "pg_dump").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    fake_pg_dump(monkeypatch, tmp_path, 'echo "pg_dump (PostgreSQL) 9.6.24"')
     with pytest.raises(CommandError, match=r"pg_dump 9 is older than the PostgreSQL \d+ server"):
         run_backup()
     assert not any(settings.BACKUP_ROOT.iterdir())
@@ -219,15 +222,10 @@ def test_the_database_password_never_reaches_a_command_line(demo, monkeypatch, t
         pytest.skip("PostgreSQL engine only")
     # Trust authentication ignores the password, so it can be set to a marker and traced.
     monkeypatch.setitem(settings.DATABASES["default"], "PASSWORD", "hunter2-do-not-leak")
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    real = subprocess.run(["which", "pg_dump"], capture_output=True, text=True).stdout.strip()
     trace = tmp_path / "trace"
-    (fake / "pg_dump").write_text(
-        f'#!/bin/sh\necho "ARGS $*" >> {trace}\necho "ENV $PGPASSWORD" >> {trace}\nexec {real} "$@"\n'
+    fake_pg_dump(
+        monkeypatch, tmp_path, f'echo "ARGS $*" >> {trace}\necho "ENV $PGPASSWORD" >> {trace}\nexec {{real}} "$@"'
     )
-    (fake / "pg_dump").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
     lines = run_backup()
     args = [line for line in trace.read_text().splitlines() if line.startswith("ARGS")]
     assert args and not any("hunter2" in line for line in args)

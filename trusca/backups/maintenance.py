@@ -5,12 +5,13 @@ The flag lives in the cache, not the database being replaced, with a lifetime it
 renewing: a restore that dies cannot leave the portal closed for good.
 """
 
-import json
-
 from django.conf import settings
 from django.core.cache import cache
 from django.http import HttpResponse
 from django.utils import timezone
+from django.utils.html import escape
+
+from trusca.backups.problems import problem, wants_json
 
 KEY = "trusca:maintenance"
 RETRY_AFTER_SECONDS = 30
@@ -44,23 +45,12 @@ class MaintenanceMiddleware:
         if state is None or request.path.startswith(ALLOWED_PREFIXES):
             return self.get_response(request)
         detail = f"{state['reason']} (since {state['since']}). Try again shortly."
-        if "json" in request.headers.get("Accept", ""):
-            response = HttpResponse(
-                json.dumps(
-                    {
-                        "type": "urn:trustedoss:problem:maintenance",
-                        "title": "Down for maintenance",
-                        "status": 503,
-                        "detail": detail,
-                    }
-                ),
-                status=503,
-                content_type="application/problem+json",
-            )
+        if wants_json(request):
+            response = problem(503, "maintenance", "Down for maintenance", detail)
         else:
             response = HttpResponse(
                 f"<!doctype html><title>Down for maintenance</title><h1>TRUSCA is down for maintenance</h1>"
-                f"<p>{detail}</p>",
+                f"<p>{escape(detail)}</p>",
                 status=503,
                 content_type="text/html",
             )

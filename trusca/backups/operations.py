@@ -4,6 +4,8 @@ these functions and nothing else: no workflow is written twice."""
 import logging
 import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -145,15 +147,9 @@ def _run_backup(
             Backup.objects.filter(pk=row.pk).update(progress=counter.percent, heartbeat_at=timezone.now())
             reporter.progress(counter.done, counter.total)
 
-        def dump_database() -> dict:
-            try:
-                return database.dump(staging / dump_name, progress=counter.add)
-            finally:
-                connection.close()
-
         with Ticker(_in_thread(beat), interval=PROGRESS_INTERVAL):
             # The database and the workspace are compressed at the same time, one per core.
-            dumper = _Background(dump_database)
+            dumper = _Background(database.dump, staging / dump_name, progress=counter.add)
             try:
                 archived = workspace.archive(ws_root, staging / manifest.WORKSPACE_ARCHIVE, progress=counter.add)
             finally:
@@ -243,7 +239,7 @@ def backup_sweep_stale() -> list[str]:
             finished_at=timezone.now(),
             message=f"worker lost: no heartbeat for {settings.BACKUP_STALE_SECONDS} s; its partial files were removed",
         ):
-            storage.discard(storage.root() / f"{storage.STAGING_PREFIX}{row.name}")
+            storage.discard(storage.staging_path(row.name))
             swept.append(row.name)
     return swept
 
@@ -320,26 +316,18 @@ def verify_directory(directory: Path) -> VerifyReport:
     return VerifyReport(path=directory, manifest=document, members=members)
 
 
-class unpacked_bundle:
+@contextmanager
+def unpacked_bundle(source, *, label: str = "bundle") -> Iterator[Path]:
     """A bundle unpacked into a staging directory beside the backups, removed afterwards."""
-
-    def __init__(self, source, *, label: str = "bundle"):
-        self.source, self.label = source, label
-
-    def __enter__(self) -> Path:
-        self.directory = storage.staging_dir(f"{self.label}-{os.getpid()}-{timezone.now():%Y%m%d%H%M%S%f}")
+    directory = storage.staging_dir(f"{label}-{os.getpid()}-{timezone.now():%Y%m%d%H%M%S%f}")
+    try:
         try:
-            bundle.unpack(self.source, self.directory)
+            bundle.unpack(source, directory)
         except bundle.BundleError as exc:
-            storage.discard(self.directory)
             raise VerifyFailed(str(exc)) from None
-        except BaseException:
-            storage.discard(self.directory)
-            raise
-        return self.directory
-
-    def __exit__(self, *exc):
-        storage.discard(self.directory)
+        yield directory
+    finally:
+        storage.discard(directory)
 
 
 def resolve_source(source: str) -> Path:
@@ -439,29 +427,15 @@ class RestoreOutcome:
     audit_events_kept: int
 
 
-class restore_prepare:
+@contextmanager
+def restore_prepare(*, source: Path) -> Iterator[RestorePlan]:
     """Preflight, touching nothing live: unpack a bundle beside the backups if need be, verify
     every file and member, and compare migrations. Yields the plan to show the operator."""
-
-    def __init__(self, *, source: Path):
-        self.source = source
-        self._bundle = None
-
-    def __enter__(self) -> RestorePlan:
-        directory = self.source
-        if self.source.is_file():
-            self._bundle = unpacked_bundle(self.source, label="restore")
-            directory = self._bundle.__enter__()
-        try:
-            return _preflight(self.source, directory)
-        except BaseException:
-            self.__exit__()
-            raise
-
-    def __exit__(self, *exc):
-        if self._bundle is not None:
-            self._bundle.__exit__()
-            self._bundle = None
+    if source.is_file():
+        with unpacked_bundle(source, label="restore") as directory:
+            yield _preflight(source, directory)
+    else:
+        yield _preflight(source, source)
 
 
 def _preflight(source: Path, directory: Path) -> RestorePlan:
@@ -604,7 +578,8 @@ def _replace_state(plan: RestorePlan, lock: locks.OperationLock, status, reporte
 
 
 class _Background:
-    """Runs a function in a thread; join() re-raises what it raised, in the caller."""
+    """Runs a function in a thread (closing the database connection it opened there); join()
+    re-raises what it raised, in the caller."""
 
     def __init__(self, fn, *args, **kwargs):
         self.error: BaseException | None = None
@@ -615,6 +590,8 @@ class _Background:
                 self.result = fn(*args, **kwargs)
             except BaseException as exc:
                 self.error = exc
+            finally:
+                connection.close()
 
         self._thread = threading.Thread(target=run, name="trusca-background", daemon=True)
         self._thread.start()

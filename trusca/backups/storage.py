@@ -44,9 +44,13 @@ def path_of(name: str) -> Path:
     return root() / name
 
 
+def staging_path(name: str) -> Path:
+    return root() / f"{STAGING_PREFIX}{name}"
+
+
 def staging_dir(name: str) -> Path:
-    directory = root() / f"{STAGING_PREFIX}{name}"
     root().mkdir(parents=True, exist_ok=True)
+    directory = staging_path(name)
     directory.mkdir()
     return directory
 

@@ -9,11 +9,14 @@ from trusca.backups.progress import Reporter
 
 
 def human_size(size: int) -> str:
-    for unit in ("B", "K", "M", "G", "T"):
-        if size < 1024 or unit == "T":
-            return f"{size}{unit}" if unit == "B" else f"{size:.0f}{unit}" if size >= 10 else f"{size:.1f}{unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
+    if size < 1024:
+        return f"{size}B"
+    value, unit = size / 1024, "K"
+    for larger in ("M", "G", "T"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, larger
+    return f"{value:.0f}{unit}" if value >= 10 else f"{value:.1f}{unit}"
 
 
 def display_path(path) -> str:

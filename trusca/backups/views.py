@@ -21,27 +21,16 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 
 from trusca.backups import locks, operations, tasks
 from trusca.backups.models import Backup
+from trusca.backups.problems import problem, wants_json
 
 PAGE_SIZE = 50
 
 
-def problem(status: int, kind: str, title: str, detail: str) -> JsonResponse:
-    return JsonResponse(
-        {"type": f"urn:trustedoss:problem:{kind}", "title": title, "status": status, "detail": detail},
-        status=status,
-        content_type="application/problem+json",
-    )
-
-
 def csrf_failure(request, reason: str = ""):
     """CSRF refusals are problem documents too, for the API's clients; pages keep Django's."""
-    if _wants_json(request) or request.path.startswith("/admin/backup/"):
+    if wants_json(request) or request.path.startswith("/admin/backup/"):
         return problem(403, "csrf_failed", "CSRF check failed", f"{reason} Reload the page and try again.")
     return django_csrf_failure(request, reason)
-
-
-def _wants_json(request) -> bool:
-    return "json" in request.headers.get("Accept", "")
 
 
 def _guard(*, superuser: bool, page: bool = False):
@@ -150,12 +139,12 @@ def run(request):
         backup = operations.backup_enqueue(kind=Backup.Kind.MANUAL, actor=request.user.get_username(), request=request)
     except locks.Busy as exc:
         detail = f"Not started: {exc}. One backup or restore runs at a time; try again when it has finished."
-        if _wants_json(request):
+        if wants_json(request):
             return problem(409, "operation_in_progress", "Another backup or restore is running", detail)
         messages.error(request, detail)
         return _render_index(request, status=409)
     transaction.on_commit(lambda: tasks.run_backup.delay(backup.pk))
-    if _wants_json(request):
+    if wants_json(request):
         return JsonResponse(_describe(backup), status=202)
     messages.success(request, f"Backup {backup.name} is queued; its progress shows below.")
     return redirect("backups:index")
@@ -196,7 +185,7 @@ def delete(request, pk: int):
     try:
         operations.backup_delete(backup=backup, actor=request.user, request=request)
     except operations.OperationFailed as exc:
-        if _wants_json(request):
+        if wants_json(request):
             return problem(409, "backup_in_use", "Cannot delete this backup now", str(exc))
         messages.error(request, str(exc))
         return TemplateResponse(request, "backups/delete_confirmation.html", context, status=409)
