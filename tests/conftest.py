@@ -56,3 +56,13 @@ def su_client(client, superuser):
 def staff_client(client, staff):
     client.force_login(staff)
     return client
+
+
+@pytest.fixture
+def drop_tables_made_after_backup(transactional_db):
+    """Tables a test creates beside the portal's (to prove a restore removes them) go at its end."""
+    from django.db import connection
+
+    yield
+    with connection.cursor() as cursor:
+        cursor.execute("DROP TABLE IF EXISTS made_after_backup")

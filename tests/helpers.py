@@ -1,9 +1,14 @@
+import gzip
+import hashlib
+import json
 import os
 from pathlib import Path
 from urllib.parse import quote
 
 from django.conf import settings
 from django.db import connection
+
+from trusca.backups import manifest
 
 
 def backup_dirs() -> list[Path]:
@@ -57,3 +62,31 @@ def fill_workspace(megabytes: int) -> None:
         directory = settings.WORKSPACE_HOST_PATH / str(i // 10) / "source"
         directory.mkdir(parents=True, exist_ok=True)
         (directory / f"file_{i:04}.txt").write_bytes(os.urandom(1 << 20).translate(letters))
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def rewrite_manifest(backup: Path, edit) -> None:
+    """Edit a backup's manifest as JSON, then sign it with this installation's key: what only
+    someone holding BACKUP_SIGNING_KEY could do, to test the defences beneath the signature."""
+    document = json.loads((backup / "manifest.json").read_text())
+    edit(document)
+    (backup / "manifest.json").write_bytes(manifest.from_document(document).signed().to_json())
+
+
+def replace_member(backup: Path, name: str, content: bytes) -> None:
+    """Give a backup's archive new (uncompressed) content, with a signed manifest to match."""
+    compressed = gzip.compress(content)
+    (backup / name).write_bytes(compressed)
+    entry = {
+        "size": len(compressed),
+        "sha256": hashlib.sha256(compressed).hexdigest(),
+        "uncompressed_size": len(content),
+    }
+    rewrite_manifest(backup, lambda document: document["files"].__setitem__(name, entry))
+
+
+def dump_name() -> str:
+    return "postgres.sql.gz" if connection.vendor == "postgresql" else "sqlite.db.gz"

@@ -9,8 +9,7 @@ from django.conf import settings
 from django.core.management import CommandError, call_command
 from django.db import connection
 
-from tests.helpers import backup_dirs
-from trusca.backups import gz
+from tests.helpers import backup_dirs, sha256_of
 from trusca.backups.models import Backup
 from trusca.backups.terminal import display_path
 from trusca.portal.models import AuditEvent, Scan
@@ -53,7 +52,7 @@ def test_the_archives_pass_gunzip_and_tar_and_the_checksums_match(demo):
     for name, entry in manifest["files"].items():
         subprocess.run(["gunzip", "-t", str(directory / name)], check=True)
         assert (directory / name).stat().st_size == entry["size"]
-        assert gz.sha256_file(directory / name) == entry["sha256"]
+        assert sha256_of(directory / name) == entry["sha256"]
     listing = subprocess.run(
         ["tar", "-tzf", str(directory / "workspace.tar.gz")], check=True, capture_output=True, text=True
     ).stdout.split()
@@ -71,8 +70,10 @@ def test_the_archives_pass_gunzip_and_tar_and_the_checksums_match(demo):
         "workspace_path",
         "app_version",
         "files",
+        "signature",
     ):
         assert key in manifest
+    assert manifest["alembic_head"] == manifest["db_revision"]
     assert manifest["workspace_path"] == str(settings.WORKSPACE_HOST_PATH)
     assert len(manifest["db_revision"]) == 12
     assert manifest["migrations"]["portal"] == "0001_initial"

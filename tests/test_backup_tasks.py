@@ -7,7 +7,7 @@ from trusca.backups.models import Backup
 
 @pytest.fixture
 def queued(transactional_db) -> Backup:
-    return operations.backup_enqueue(kind="manual", actor="root")
+    return operations.backup_enqueue(kind="manual", actor="root", send=lambda pk: None)
 
 
 def test_the_task_runs_a_queued_backup_to_succeeded(queued):

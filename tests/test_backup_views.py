@@ -10,7 +10,7 @@ from django.test import Client
 from django.urls import reverse
 from django.utils import timezone
 
-from trusca.backups import locks, operations, storage, tasks
+from trusca.backups import locks, operations, store, tasks
 from trusca.backups.models import Backup
 from trusca.backups.naming import format_name
 from trusca.portal.models import AuditEvent
@@ -29,9 +29,14 @@ SUPERUSER_ONLY = [RUN, DOWNLOAD, DELETE_PAGE, DELETE]
 
 
 def make_row(kind="manual", status=Backup.Status.SUCCEEDED, minutes_ago=0, **fields) -> Backup:
+    """A catalog row; a queued or running one with a fresh heartbeat has its run's lock held, as
+    a live run does (a run without it is taken for dead)."""
     when = timezone.now().replace(microsecond=0) - timedelta(minutes=minutes_ago)
     values = {"size_bytes": 2_500_000, "db_revision": "0123456789ab", "progress": 100} | fields
-    return Backup.objects.create(name=format_name(kind, when), kind=kind, status=status, created_at=when, **values)
+    row = Backup.objects.create(name=format_name(kind, when), kind=kind, status=status, created_at=when, **values)
+    if row.is_active and row.heartbeat_at and timezone.now() - row.heartbeat_at < timedelta(seconds=10):
+        locks.OperationLock(f"a {kind} backup", owner=f"backup:{row.name}").acquire()
+    return row
 
 
 def url(name: str, needs_pk: bool, backup: Backup | None = None) -> str:
@@ -303,7 +308,8 @@ def test_status_of_a_missing_backup_is_a_404_problem(staff_client):
 def test_reading_the_status_marks_a_run_whose_worker_died_failed_and_removes_its_files(staff_client, settings):
     silent_since = timezone.now() - timedelta(seconds=settings.BACKUP_STALE_SECONDS + 5)
     dead = make_row(status=Backup.Status.RUNNING, progress=12, heartbeat_at=silent_since, size_bytes=0)
-    partial = storage.staging_dir(dead.name)
+    partial = store.local().staging_path(dead.name)
+    partial.mkdir(parents=True)
     (partial / "workspace.tar.gz").write_bytes(b"half")
     body = staff_client.get(reverse("backups:status", args=[dead.pk])).json()
     assert body["status"] == "failed"
@@ -376,7 +382,7 @@ def test_delete_asks_for_confirmation_before_removing_anything(su_client):
 def test_delete_removes_the_files_and_the_row_and_is_audited(real_backup, superuser):
     browser = Client()
     browser.force_login(superuser)
-    directory = storage.path_of(real_backup.name)
+    directory = store.local().path(real_backup.name)
     assert directory.is_dir()
     response = browser.post(reverse("backups:delete", args=[real_backup.pk]), follow=True)
     assert response.redirect_chain == [(reverse("backups:index"), 302)]

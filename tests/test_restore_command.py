@@ -16,9 +16,10 @@ from django.contrib.sessions.backends.db import SessionStore
 from django.core.management import CommandError, call_command
 from django.db import connection
 
-from tests.helpers import backup_dirs, subprocess_env, tree
-from trusca.backups import gz, maintenance, operations
+from tests.helpers import backup_dirs, dump_name, replace_member, rewrite_manifest, subprocess_env, tree
+from trusca.backups import maintenance, operations
 from trusca.backups.models import Backup
+from trusca.backups.operations import restore as restore_module
 from trusca.portal import audit
 from trusca.portal.models import AuditEvent, LicenseFinding, Project, Scan
 
@@ -27,11 +28,7 @@ from trusca.portal.models import AuditEvent, LicenseFinding, Project, Scan
 REWRITTEN = ("backups_backup", "portal_auditevent", "django_session")
 
 
-@pytest.fixture(autouse=True)
-def drop_tables_made_after_backup(transactional_db):
-    yield
-    with connection.cursor() as cursor:
-        cursor.execute("DROP TABLE IF EXISTS made_after_backup")
+pytestmark = pytest.mark.usefixtures("drop_tables_made_after_backup")
 
 
 def run(*args) -> list[str]:
@@ -147,10 +144,8 @@ def test_later_backups_and_audit_events_survive_and_the_restore_is_recorded(demo
 
 def test_a_restore_without_a_workspace_archive_keeps_the_workspace(demo):
     backup = take_backup()
-    manifest = json.loads((backup / "manifest.json").read_text())
-    del manifest["files"]["workspace.tar.gz"]
+    rewrite_manifest(backup, lambda manifest: manifest["files"].pop("workspace.tar.gz"))
     (backup / "workspace.tar.gz").unlink()
-    (backup / "manifest.json").write_text(json.dumps(manifest))
     (settings.WORKSPACE_HOST_PATH / "kept.txt").write_text("still here")
     lines = restore(backup, "--no-safety-backup")
     assert (settings.WORKSPACE_HOST_PATH / "kept.txt").read_text() == "still here"
@@ -162,12 +157,8 @@ def test_a_restore_without_a_workspace_archive_keeps_the_workspace(demo):
 
 def rewrite_dump(backup: Path, transform) -> None:
     """Change a backup's dump and re-sign it, so it passes preflight and fails while loading."""
-    manifest = json.loads((backup / "manifest.json").read_text())
-    name = "postgres.sql.gz" if manifest["engine"] == "postgresql" else "sqlite.db.gz"
-    data = transform(gzip.decompress((backup / name).read_bytes()))
-    (backup / name).write_bytes(gzip.compress(data))
-    manifest["files"][name] = {"size": (backup / name).stat().st_size, "sha256": gz.sha256_file(backup / name)}
-    (backup / "manifest.json").write_text(json.dumps(manifest))
+    name = dump_name()
+    replace_member(backup, name, transform(gzip.decompress((backup / name).read_bytes())))
 
 
 def test_a_dump_failing_in_its_last_statement_changes_nothing(demo):
@@ -260,9 +251,7 @@ def test_it_refuses_a_missing_manifest(demo):
 
 def test_it_refuses_a_backup_from_newer_migrations(demo):
     backup = take_backup()
-    manifest = json.loads((backup / "manifest.json").read_text())
-    manifest["migrations"]["portal"] = "0042_from_the_future"
-    (backup / "manifest.json").write_text(json.dumps(manifest))
+    rewrite_manifest(backup, lambda manifest: manifest["migrations"].__setitem__("portal", "0042_from_the_future"))
     refused(backup, "taken by newer code.*portal.0042_from_the_future.*Deploy TRUSCA")
 
 
@@ -279,16 +268,12 @@ def test_an_older_backup_restores_and_says_to_migrate(demo):
 
 def with_member(backup: Path, add) -> None:
     """Rebuild workspace.tar.gz with an extra hostile member and re-sign the manifest."""
-    archive = backup / "workspace.tar.gz"
     buffer = io.BytesIO()
-    with tarfile.open(archive, "r:gz") as src, tarfile.open(fileobj=buffer, mode="w:gz") as dst:
+    with tarfile.open(backup / "workspace.tar.gz", "r:gz") as src, tarfile.open(fileobj=buffer, mode="w") as dst:
         for info in src:
             dst.addfile(info, src.extractfile(info) if info.isreg() else None)
         add(dst)
-    archive.write_bytes(buffer.getvalue())
-    manifest = json.loads((backup / "manifest.json").read_text())
-    manifest["files"]["workspace.tar.gz"] = {"size": archive.stat().st_size, "sha256": gz.sha256_file(archive)}
-    (backup / "manifest.json").write_text(json.dumps(manifest))
+    replace_member(backup, "workspace.tar.gz", buffer.getvalue())
 
 
 def file_member(name: str, data: bytes = b"owned"):
@@ -405,14 +390,14 @@ def test_yes_at_the_prompt_restores_after_showing_what_will_happen(demo, monkeyp
 def test_a_page_request_during_the_restore_gets_503_with_retry_after(demo, client, monkeypatch):
     backup = take_backup()
     seen = []
-    original = operations._swap_in
+    original = restore_module._swap_in
 
-    def swap_and_probe(staging, live):
+    def swap_and_probe(journal):
         response = client.get("/admin/login/")
         seen.append((response.status_code, response.get("Retry-After")))
-        original(staging, live)
+        original(journal)
 
-    monkeypatch.setattr(operations, "_swap_in", swap_and_probe)
+    monkeypatch.setattr(restore_module, "_swap_in", swap_and_probe)
     restore(backup, "--no-safety-backup")
     assert seen == [(503, str(maintenance.RETRY_AFTER_SECONDS))]
     assert client.get("/admin/login/").status_code == 200
@@ -435,15 +420,18 @@ def test_an_archive_swapped_after_preflight_is_caught_before_anything_changes(de
     other = take_backup()
     change_everything()
     before = live_state()
-    checked = operations._preflight
+    checked = restore_module._preflight
 
-    def preflight_then_swap(source, directory):
-        plan = checked(source, directory)
-        shutil.copyfile(other / "workspace.tar.gz", directory / "workspace.tar.gz")
+    def preflight_then_swap(src, **options):
+        plan = checked(src, **options)
+        shutil.copyfile(other / "workspace.tar.gz", src.store.path(src.name) / "workspace.tar.gz")
         return plan
 
-    monkeypatch.setattr(operations, "_preflight", preflight_then_swap)
-    with pytest.raises(CommandError, match="workspace.tar.gz changed since it was checked.*unchanged"):
+    monkeypatch.setattr(restore_module, "_preflight", preflight_then_swap)
+    with pytest.raises(
+        CommandError,
+        match="staging the workspace failed: workspace.tar.gz (is .* bytes|does not match|decompresses).*unchanged",
+    ):
         restore(backup, "--no-safety-backup")
     assert live_state() == before
 

@@ -4,8 +4,7 @@ import json
 import pytest
 from django.core.management import CommandError, call_command
 
-from tests.helpers import backup_dirs
-from trusca.backups import gz
+from tests.helpers import backup_dirs, rewrite_manifest, sha256_of
 
 
 def verify(path) -> list[str]:
@@ -51,13 +50,12 @@ def test_it_catches_a_truncated_archive(backup):
         verify(backup)
 
 
-def test_it_catches_a_truncated_archive_whose_manifest_was_rewritten_to_match(backup):
+def test_it_catches_a_truncated_archive_whose_manifest_was_rewritten_and_signed_to_match(backup):
     archive = backup / "workspace.tar.gz"
     archive.write_bytes(archive.read_bytes()[:-64])
-    manifest = json.loads((backup / "manifest.json").read_text())
-    manifest["files"]["workspace.tar.gz"] = {"size": archive.stat().st_size, "sha256": gz.sha256_file(archive)}
-    (backup / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(CommandError, match="workspace.tar.gz does not read to its end"):
+    entry = {"size": archive.stat().st_size, "sha256": sha256_of(archive)}
+    rewrite_manifest(backup, lambda manifest: manifest["files"].__setitem__("workspace.tar.gz", entry))
+    with pytest.raises(CommandError, match="workspace.tar.gz is not an intact gzip stream"):
         verify(backup)
 
 
@@ -67,12 +65,18 @@ def test_it_catches_a_missing_file(backup):
         verify(backup)
 
 
-def test_it_catches_a_wrong_checksum(backup):
-    manifest = json.loads((backup / "manifest.json").read_text())
+def test_it_catches_a_wrong_checksum_in_a_signed_manifest(backup):
     name = dump_of(backup).name
-    manifest["files"][name]["sha256"] = "0" * 64
-    (backup / "manifest.json").write_text(json.dumps(manifest))
+    rewrite_manifest(backup, lambda manifest: manifest["files"][name].__setitem__("sha256", "0" * 64))
     with pytest.raises(CommandError, match=f"{name} does not match its sha256"):
+        verify(backup)
+
+
+def test_it_refuses_a_manifest_altered_after_it_was_signed(backup):
+    manifest = json.loads((backup / "manifest.json").read_text())
+    manifest["files"][dump_of(backup).name]["sha256"] = "0" * 64
+    (backup / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CommandError, match="its manifest is altered after it was signed.*--trust-unsigned"):
         verify(backup)
 
 
@@ -90,11 +94,11 @@ def test_it_catches_a_broken_manifest(backup, content, fault):
         verify(backup)
 
 
-def test_it_reads_a_legacy_manifest_with_alembic_head(backup):
+def test_it_reads_a_legacy_manifest_with_alembic_head_only(backup):
     manifest = json.loads((backup / "manifest.json").read_text())
-    manifest["alembic_head"] = manifest.pop("db_revision")
+    revision = manifest.pop("db_revision")
     (backup / "manifest.json").write_text(json.dumps(manifest))
-    assert any("db revision " in line for line in verify(backup))
+    assert any(f"db revision {revision}" in line for line in verify(backup))
 
 
 def test_it_catches_a_corrupt_bundle(backup):
@@ -117,5 +121,5 @@ def test_it_refuses_a_bundle_with_foreign_members(backup, tmp_path):
 
 
 def test_it_says_what_a_path_that_is_no_backup_is(tmp_path, transactional_db):
-    with pytest.raises(CommandError, match="neither a backup directory nor a bundle"):
+    with pytest.raises(CommandError, match="is not a backup directory, a bundle file, or the name of a stored backup"):
         verify(tmp_path / "nothing-here")

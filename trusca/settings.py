@@ -25,22 +25,33 @@ def envstr(name: str, default: str = "") -> str:
     return os.environ.get(name, default)
 
 
+_TRUE = ("true", "1", "yes", "on")
+_FALSE = ("false", "0", "no", "off")
+
+
 def envbool(name: str, default: str) -> bool:
     value = envstr(name, default)
-    if value not in ("True", "False"):
-        raise ImproperlyConfigured(f"{name} is {value!r}; set it to True or False")
-    return value == "True"
+    if value.strip().lower() not in _TRUE + _FALSE:
+        raise ImproperlyConfigured(f"{name} is {value!r}; set it to true or false (or 1/0, yes/no, on/off)")
+    return value.strip().lower() in _TRUE
 
 
-def envint(name: str, default: str, minimum: int = 0) -> int:
+def envint(name: str, default: str, minimum: int = 0, maximum: int = 10**9) -> int:
     value = envstr(name, default)
     try:
         number = int(value)
     except ValueError:
         raise ImproperlyConfigured(f"{name} is {value!r}; set it to a whole number") from None
-    if number < minimum:
-        raise ImproperlyConfigured(f"{name} is {number}; it must be at least {minimum}")
+    if not minimum <= number <= maximum:
+        raise ImproperlyConfigured(f"{name} is {number}; set it to a whole number from {minimum} to {maximum}")
     return number
+
+
+def envchoice(name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = envstr(name, default)
+    if value.upper() not in choices:
+        raise ImproperlyConfigured(f"{name} is {value!r}; set it to one of {', '.join(choices)}")
+    return value.upper()
 
 
 def envpath(name: str, default: str) -> Path:
@@ -51,8 +62,11 @@ def envpath(name: str, default: str) -> Path:
     return path if path.is_absolute() else (BASE_DIR / path)
 
 
-DEBUG = envbool("DEBUG", "False")
+DEBUG = envbool("DEBUG", "false")
+LOG_LEVEL = envchoice("LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR"))
 VAR_DIR = envpath("TRUSCA_VAR_DIR", "var")
+if VAR_DIR.exists() and not VAR_DIR.is_dir():
+    raise ImproperlyConfigured(f"TRUSCA_VAR_DIR {VAR_DIR} is not a directory; point it at a directory")
 SECRET_KEY = envstr("SECRET_KEY")
 if not SECRET_KEY:
     # One machine, no configuration: keep a generated key beside the SQLite file, readable by
@@ -75,11 +89,16 @@ CSRF_TRUSTED_ORIGINS = [o.strip() for o in envstr("CSRF_TRUSTED_ORIGINS").split(
 
 WORKSPACE_HOST_PATH = envpath("WORKSPACE_HOST_PATH", "workspace")
 BACKUP_ROOT = envpath("BACKUP_ROOT", "backups")
-BACKUP_RETENTION_DAYS = envint("BACKUP_RETENTION_DAYS", "7", minimum=1)
+BACKUP_RETENTION_DAYS = envint("BACKUP_RETENTION_DAYS", "7", minimum=1, maximum=36500)
 # A running backup or restore refreshes its heartbeat this often; one silent for
 # BACKUP_STALE_SECONDS is taken for dead, its lock freed and its row marked failed.
 BACKUP_HEARTBEAT_SECONDS = envint("BACKUP_HEARTBEAT_SECONDS", "10", minimum=1)
 BACKUP_STALE_SECONDS = envint("BACKUP_STALE_SECONDS", "180", minimum=2)
+# Signs every manifest (which holds every file's sha256): a restore trusts only backups signed
+# with it. Unset, one is generated once into VAR_DIR/backup_signing_key. Keys used before a
+# rotation stay usable for checking, comma- or line-separated.
+BACKUP_SIGNING_KEY = envstr("BACKUP_SIGNING_KEY")
+BACKUP_SIGNING_OLD_KEYS = envstr("BACKUP_SIGNING_OLD_KEYS")
 
 try:
     DATABASES = {
@@ -129,6 +148,9 @@ elif not CELERY_BROKER_URL.startswith(("redis://", "rediss://", "amqp://")):
     raise ImproperlyConfigured("CELERY_BROKER_URL must be filesystem://, redis://… or amqp://…")
 CELERY_TASK_DEFAULT_QUEUE = "default"
 CELERY_TASK_ROUTES = {"trusca.backups.tasks.*": {"queue": "backups"}}
+# A broker that is down refuses "Run manual backup now" in seconds instead of hanging the request.
+CELERY_TASK_PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1}
+CELERY_BROKER_CONNECTION_TIMEOUT = 3
 CELERY_TASK_ACKS_LATE = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_IGNORE_RESULT = True
@@ -200,5 +222,9 @@ LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "handlers": {"console": {"class": "logging.StreamHandler"}},
-    "loggers": {"trusca": {"handlers": ["console"], "level": envstr("LOG_LEVEL", "INFO")}},
+    "loggers": {
+        "trusca": {"handlers": ["console"], "level": LOG_LEVEL},
+        # Server errors (500) with their traceback: without this Django only mails them to ADMINS.
+        "django.request": {"handlers": ["console"], "level": "ERROR", "propagate": False},
+    },
 }

@@ -4,7 +4,7 @@ import pytest
 from django.urls import reverse
 
 from tests.helpers import fill_workspace
-from trusca.backups import storage
+from trusca.backups import store
 from trusca.backups.models import Backup
 from trusca.portal.models import AuditEvent
 
@@ -36,8 +36,8 @@ def test_a_manual_backup_queued_from_the_admin_runs_on_the_worker_to_succeeded(c
     assert backup.kind == "manual"
     assert backup.size_bytes > 0
     assert len(backup.db_revision) == 12
-    assert sorted(p.name for p in storage.path_of(backup.name).iterdir())[0] == "manifest.json"
-    assert not storage.partial_dirs()
+    assert sorted(p.name for p in store.local().path(backup.name).iterdir())[0] == "manifest.json"
+    assert not store.local().partial_names()
     assert AuditEvent.objects.filter(action="backup.created", target=backup.name, actor="root").exists()
 
 

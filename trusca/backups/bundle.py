@@ -1,21 +1,22 @@
-"""The bundle: one .tar.gz holding a backup's three files, the unit of download and upload.
+"""The bundle: one .tar.gz holding a backup's files, the unit of download and upload.
 
 It is produced as a stream of chunks, so a download starts at once and never sits in memory or
-on disk; the members are already compressed, so the outer gzip runs at its fastest level.
+on disk. The members are compressed already, so the outer gzip only frames them in stored
+blocks (see ``gz.StoredGzipWriter``): the bundle is a few hundred bytes larger than the backup.
 """
 
 import tarfile
-import time
 from collections.abc import Iterator
-from pathlib import Path
+from typing import BinaryIO
 
 from isal import igzip
 
 from trusca.backups import gz
-from trusca.backups.manifest import DUMP_FILES, MANIFEST, WORKSPACE_ARCHIVE
+from trusca.backups.manifest import ARCHIVES, ENCRYPTED_SUFFIX, MANIFEST, MAX_MANIFEST_BYTES, Manifest
+from trusca.backups.store import Store
 
 # The manifest first: a reader of the stream learns what to expect before the big members.
-MEMBER_ORDER = (MANIFEST, *DUMP_FILES.values(), WORKSPACE_ARCHIVE)
+MEMBERS = (MANIFEST, *ARCHIVES, *(name + ENCRYPTED_SUFFIX for name in ARCHIVES))
 
 
 class BundleError(Exception):
@@ -30,64 +31,63 @@ class _Sink:
         self.parts.append(bytes(data))
         return len(data)
 
-    def flush(self) -> None:
-        pass
-
     def drain(self) -> bytes:
         data, self.parts = b"".join(self.parts), []
         return data
 
 
-def members(directory: Path) -> list[Path]:
-    return [directory / name for name in MEMBER_ORDER if (directory / name).is_file()]
-
-
-def stream(directory: Path) -> Iterator[bytes]:
+def stream(store: Store, name: str, manifest: Manifest, manifest_bytes: bytes) -> Iterator[bytes]:
+    """The bundle of a published backup, in chunks of about ``gz.CHUNK`` bytes."""
     sink = _Sink()
-    out = igzip.GzipFile(fileobj=sink, mode="wb", compresslevel=0)
-    for path in members(directory):
-        info = tarfile.TarInfo(path.name)
-        st = path.stat()
-        info.size, info.mtime, info.mode = st.st_size, int(st.st_mtime), 0o640
-        out.write(info.tobuf(format=tarfile.PAX_FORMAT))
-        with open(path, "rb") as fh:
+    out = gz.StoredGzipWriter(sink)
+    _header(out, MANIFEST, len(manifest_bytes))
+    out.write(manifest_bytes)
+    _pad(out, len(manifest_bytes))
+    for member in sorted(manifest.files, key=MEMBERS.index):
+        size = manifest.files[member].size
+        _header(out, member, size)
+        written = 0
+        with store.open_read(name, member) as fh:
             while chunk := fh.read(gz.CHUNK):
+                written += len(chunk)
+                if written > size:
+                    break
                 out.write(chunk)
                 yield sink.drain()
-        remainder = st.st_size % tarfile.BLOCKSIZE
-        if remainder:
-            out.write(b"\0" * (tarfile.BLOCKSIZE - remainder))
+        if written != size:
+            raise BundleError(f"{member} is not the size its manifest records; the backup changed or is damaged")
+        _pad(out, size)
     out.write(b"\0" * (2 * tarfile.BLOCKSIZE))
     out.close()
     yield sink.drain()
 
 
-def write(directory: Path, target: Path) -> int:
-    partial = target.with_name(f".{target.name}.partial-{int(time.time())}")
-    try:
-        with open(partial, "xb") as fh:
-            for chunk in stream(directory):
-                fh.write(chunk)
-        partial.rename(target)
-    finally:
-        partial.unlink(missing_ok=True)
-    return target.stat().st_size
+def _header(out, member: str, size: int) -> None:
+    info = tarfile.TarInfo(member)
+    info.size, info.mode = size, 0o640
+    out.write(info.tobuf(format=tarfile.USTAR_FORMAT))
 
 
-def unpack(source, target: Path) -> None:
-    """Unpack a bundle (path or readable stream) into the empty directory target.
+def _pad(out, size: int) -> None:
+    if remainder := size % tarfile.BLOCKSIZE:
+        out.write(b"\0" * (tarfile.BLOCKSIZE - remainder))
 
-    Only the known member names, as regular files, once each: anything else is refused before a
-    byte of it is written.
-    """
+
+def write(store: Store, name: str, manifest: Manifest, manifest_bytes: bytes, target: BinaryIO) -> None:
+    for chunk in stream(store, name, manifest, manifest_bytes):
+        target.write(chunk)
+
+
+def unpack(source: BinaryIO, store: Store, name: str) -> bytes:
+    """Unpack a bundle stream into the unpublished backup ``name`` of ``store``; returns the
+    manifest's bytes for the caller to check before publishing. Only the known member names, as
+    regular files, once each: anything else is refused before a byte of it is written."""
     seen: set[str] = set()
+    manifest = None
     try:
-        with (
-            igzip.open(source, "rb") as unzipped,
-            tarfile.open(fileobj=unzipped, mode="r|") as tar,
-        ):
+        with igzip.open(source, "rb") as unzipped, tarfile.open(fileobj=unzipped, mode="r|") as tar:
             for info in tar:
-                if info.name not in MEMBER_ORDER:
+                if info.name not in MEMBERS:
                     raise BundleError(f"the bundle holds an unexpected member {info.name!r}")
                 if not info.isreg():
                     raise BundleError(f"the bundle member {info.name!r} is not a regular file")
@@ -95,10 +95,21 @@ def unpack(source, target: Path) -> None:
                     raise BundleError(f"the bundle holds {info.name!r} twice")
                 seen.add(info.name)
                 src = tar.extractfile(info)
-                with open(target / info.name, "xb") as out:
+                if info.name == MANIFEST:
+                    if info.size > MAX_MANIFEST_BYTES:
+                        raise BundleError(f"the bundle's {MANIFEST} is larger than {MAX_MANIFEST_BYTES} bytes")
+                    manifest = src.read()
+                    continue
+                with store.open_write(name, info.name) as out:
                     while chunk := src.read(gz.CHUNK):
                         out.write(chunk)
-    except (tarfile.TarError, EOFError, OSError, igzip.BadGzipFile) as exc:
-        raise BundleError(f"the bundle does not read as a .tar.gz ({exc})") from None
-    if MANIFEST not in seen:
+    except (tarfile.TarError, EOFError, igzip.BadGzipFile, UnicodeDecodeError) as exc:
+        raise BundleError(f"the bundle does not read as a .tar.gz ({_reason(exc)})") from None
+    if manifest is None:
         raise BundleError(f"the bundle has no {MANIFEST}")
+    return manifest
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).split("\n")[0]
+    return text if text and len(text) < 100 and "\\x" not in text and "b'" not in text else type(exc).__name__

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import threading
 import time
+import weakref
 from collections.abc import Callable
 
 _PR_SET_PDEATHSIG = 1
@@ -27,8 +28,15 @@ def _die_with_parent() -> None:
     _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+# Every live child, so that an interrupted operation can end them all at once, wherever a thread
+# of it is blocked reading from one.
+_live: "weakref.WeakSet[subprocess.Popen]" = weakref.WeakSet()
+
+
 def spawn(argv: list[str], **popen_kwargs) -> subprocess.Popen:
-    return subprocess.Popen(argv, start_new_session=True, preexec_fn=_die_with_parent, **popen_kwargs)
+    proc = subprocess.Popen(argv, start_new_session=True, preexec_fn=_die_with_parent, **popen_kwargs)
+    _live.add(proc)
+    return proc
 
 
 def kill(proc: subprocess.Popen) -> None:
@@ -36,6 +44,14 @@ def kill(proc: subprocess.Popen) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+def kill_all() -> None:
+    """SIGKILL every child still running; their readers and writers then fail and clean up."""
+    for proc in list(_live):
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
 
 
 class Watchdog:

@@ -23,6 +23,13 @@ class DatabaseError(Exception):
     pass
 
 
+class TransactionEndedEarly(DatabaseError):
+    pass
+
+
+MARKER_TABLE = "trusca_restore_commit"
+
+
 def engine() -> str:
     return "postgresql" if connection.vendor == "postgresql" else "sqlite"
 
@@ -36,21 +43,35 @@ def size() -> int:
     return sum(p.stat().st_size for p in (path, Path(f"{path}-wal")) if p.exists())
 
 
-def dump(path: Path, *, progress: Progress) -> dict:
+def dump(out, *, progress: Progress) -> None:
     if engine() == "postgresql":
-        return _pg_dump(path, progress)
-    return _sqlite_dump(path, progress)
+        _pg_dump(out, progress)
+    else:
+        _sqlite_dump(out, progress)
 
 
-def restore(path: Path, *, expected: dict, progress: Progress, before_commit: Callable[[], None]) -> None:
-    """Load a dump in one transaction, reporting compressed bytes read. It commits only once every
-    byte was read, the file's sha256 matched ``expected`` and ``before_commit`` returned: a reader
-    killed, a file swapped underneath or a ``before_commit`` that raises all roll back."""
+def restore(source, *, marker: str, before_commit: Callable[[], None]) -> None:
+    """Load a dump in one transaction. It commits only once every byte was read and
+    ``before_commit`` returned, with ``marker`` recorded in the same transaction."""
     connection.close()
     if engine() == "postgresql":
-        _psql_restore(path, expected, progress, before_commit)
+        _psql_restore(source, marker, before_commit)
     else:
-        _sqlite_restore(path, expected, progress, before_commit)
+        _sqlite_restore(source, marker, before_commit)
+
+
+def committed(marker: str) -> bool:
+    connection.close()
+    with connection.cursor() as cursor:
+        if MARKER_TABLE not in connection.introspection.table_names(cursor):
+            return False
+        cursor.execute(f"SELECT 1 FROM {MARKER_TABLE} WHERE marker = %s", [marker])  # noqa: S608
+        return cursor.fetchone() is not None
+
+
+def forget_markers() -> None:
+    with connection.cursor() as cursor:
+        cursor.execute(f"DROP TABLE IF EXISTS {MARKER_TABLE}")
 
 
 # PostgreSQL ----------------------------------------------------------------------------------
@@ -113,7 +134,7 @@ def _stderr_tail(fh) -> str:
     return "; ".join(lines[-3:]) or "no error output"
 
 
-def _pg_dump(path: Path, progress: Progress) -> dict:
+def _pg_dump(out, progress: Progress) -> None:
     check_pg_dump_version()
     with tempfile.TemporaryFile() as stderr:
         proc = subprocess.Popen(
@@ -123,10 +144,9 @@ def _pg_dump(path: Path, progress: Progress) -> dict:
             env=_pg_env(),
         )
         try:
-            with gz.GzipFileWriter(path) as out:
-                while chunk := proc.stdout.read(gz.CHUNK):
-                    out.write(chunk)
-                    progress(len(chunk))
+            while chunk := proc.stdout.read(gz.CHUNK):
+                out.write(chunk)
+                progress(len(chunk))
         except BaseException:
             proc.kill()
             raise
@@ -135,7 +155,6 @@ def _pg_dump(path: Path, progress: Progress) -> dict:
             returncode = proc.wait()
         if returncode != 0:
             raise DatabaseError(f"pg_dump exited with status {returncode}: {_stderr_tail(stderr)}")
-    return out.raw.entry()
 
 
 # Runs before the dump inside the restore's transaction. pg_dump --clean drops only what the dump
@@ -167,7 +186,7 @@ $trusca$;
 """
 
 
-def _psql_restore(path: Path, expected: dict, progress: Progress, before_commit: Callable[[], None]) -> None:
+def _psql_restore(source, marker: str, before_commit: Callable[[], None]) -> None:
     # Not --single-transaction: psql commits that at end of input, and a reader killed halfway
     # looks like end of input. Here COMMIT is sent only after the whole file was read and checked.
     with tempfile.TemporaryFile() as stderr:
@@ -181,15 +200,13 @@ def _psql_restore(path: Path, expected: dict, progress: Progress, before_commit:
         error = None
         try:
             proc.stdin.write(_DROP_EVERYTHING.encode())
-            reader = gz.HashingReader(path, progress=progress)
-            with gz.open_read(reader) as dump:
-                while chunk := dump.read(gz.CHUNK):
-                    proc.stdin.write(chunk)
-            if reader.entry() != expected:
-                error = f"{path.name} changed while it was being restored (checksum mismatch)"
-            else:
-                before_commit()
-                proc.stdin.write(b"\nCOMMIT;\n")
+            while chunk := source.read(gz.CHUNK):
+                proc.stdin.write(chunk)
+            before_commit()
+            proc.stdin.write(
+                f"\nRESET search_path;\nCREATE TABLE IF NOT EXISTS {MARKER_TABLE} (marker text PRIMARY KEY);\n"
+                f"INSERT INTO {MARKER_TABLE} VALUES ('{marker}');\nCOMMIT;\n".encode()
+            )
         except BrokenPipeError:
             pass  # psql stopped reading: its exit status and stderr say why
         except BaseException:
@@ -213,9 +230,9 @@ def _sqlite_path() -> Path:
     return Path(settings.DATABASES["default"]["NAME"])
 
 
-def _sqlite_dump(path: Path, progress: Progress) -> dict:
+def _sqlite_dump(out, progress: Progress) -> None:
     live = _sqlite_path()
-    snapshot = path.with_name(path.name + ".snapshot")
+    snapshot = live.with_name(f".{live.name}.snapshot-{os.getpid()}")
     try:
         # The online backup API copies a consistent snapshot while other processes keep writing.
         src = sqlite3.connect(f"{live.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
@@ -225,7 +242,7 @@ def _sqlite_dump(path: Path, progress: Progress) -> dict:
         finally:
             dst.close()
             src.close()
-        with gz.GzipFileWriter(path) as out, open(snapshot, "rb") as fh:
+        with open(snapshot, "rb") as fh:
             while chunk := fh.read(gz.CHUNK):
                 out.write(chunk)
                 progress(len(chunk))
@@ -233,25 +250,24 @@ def _sqlite_dump(path: Path, progress: Progress) -> dict:
         raise DatabaseError(f"SQLite snapshot of {live} failed: {exc}") from None
     finally:
         snapshot.unlink(missing_ok=True)
-    return out.raw.entry()
 
 
-def _sqlite_restore(path: Path, expected: dict, progress: Progress, before_commit: Callable[[], None]) -> None:
+def _sqlite_restore(source, marker: str, before_commit: Callable[[], None]) -> None:
     live = _sqlite_path()
     staged = live.with_name(f".{live.name}.restore")
     staged.unlink(missing_ok=True)
     try:
-        reader = gz.HashingReader(path, progress=progress)
-        with gz.open_read(reader) as dump, open(staged, "xb") as out:
-            while chunk := dump.read(gz.CHUNK):
+        with open(staged, "xb") as out:
+            while chunk := source.read(gz.CHUNK):
                 out.write(chunk)
-        if reader.entry() != expected:
-            raise DatabaseError(f"{path.name} changed while it was being restored (checksum mismatch)")
         src = sqlite3.connect(staged)
         try:
             if src.execute("PRAGMA integrity_check").fetchone()[0] != "ok":
-                raise DatabaseError(f"{path.name} does not hold an intact SQLite database")
+                raise DatabaseError("the dump does not hold an intact SQLite database")
             before_commit()
+            src.execute(f"CREATE TABLE IF NOT EXISTS {MARKER_TABLE} (marker text PRIMARY KEY)")
+            src.execute(f"INSERT INTO {MARKER_TABLE} VALUES (?)", [marker])  # noqa: S608
+            src.commit()
             # Copying pages into the live file is one write transaction: processes that hold the
             # file open (web, worker, beat) see the old database or the new one, never a mix,
             # which renaming a file over a WAL database they hold open would not give.

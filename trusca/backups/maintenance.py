@@ -1,22 +1,32 @@
 """Maintenance mode: while a restore replaces the database and workspace, the web answers 503
 (with Retry-After) and workers hold other tasks.
 
-The flag lives in the cache, not the database being replaced, with a lifetime its holder keeps
-renewing: a restore that dies cannot leave the portal closed for good.
+Two things hold it: a flag in the cache, which every host sees and which expires unless the
+restore keeps renewing it; and, from the restore's first step to its last, the restore's
+journal beside the workspace, which outlives a killed restore (and a Redis that keeps nothing)
+until the next start has finished or undone that restore.
 """
+
+import json
+from pathlib import Path
 
 from django.conf import settings
 from django.core.cache import cache
 from django.http import HttpResponse
+from django.template.loader import render_to_string
 from django.utils import timezone
-from django.utils.html import escape
 
 from trusca.backups.problems import problem, wants_json
 
 KEY = "trusca:maintenance"
 RETRY_AFTER_SECONDS = 30
-# Static files need no database, and the 503 page may use them.
-ALLOWED_PREFIXES = ("/static/",)
+# Static files need no database, and the 503 page uses them.
+ALLOWED_PREFIXES = ("/static/", "/favicon.ico")
+
+
+def journal_path() -> Path:
+    ws = settings.WORKSPACE_HOST_PATH
+    return ws.with_name(f".{ws.name}.restore-journal")
 
 
 def enter(reason: str) -> None:
@@ -33,7 +43,19 @@ def leave() -> None:
 
 
 def active() -> dict | None:
-    return cache.get(KEY)
+    state = cache.get(KEY)
+    if state is not None:
+        return state
+    try:
+        journal = json.loads(journal_path().read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        journal = {}
+    return {
+        "reason": f"A restore from {journal.get('source', 'a backup')} is being finished",
+        "since": journal.get("started", ""),
+    }
 
 
 class MaintenanceMiddleware:
@@ -49,10 +71,8 @@ class MaintenanceMiddleware:
             response = problem(503, "maintenance", "Down for maintenance", detail)
         else:
             response = HttpResponse(
-                f"<!doctype html><title>Down for maintenance</title><h1>TRUSCA is down for maintenance</h1>"
-                f"<p>{escape(detail)}</p>",
+                render_to_string("backups/maintenance.html", {"state": state, "retry": RETRY_AFTER_SECONDS}),
                 status=503,
-                content_type="text/html",
             )
         response["Retry-After"] = str(RETRY_AFTER_SECONDS)
         return response

@@ -1,14 +1,20 @@
 """Byte counting shared by the threads of one operation, and what is told about it."""
 
+import logging
 import threading
 from collections.abc import Callable
+
+log = logging.getLogger("trusca.backups")
 
 
 class Reporter:
     """What an interface wants to hear. The CLI draws a live line; Celery writes the row."""
 
-    def started(self, path) -> None:
+    def started(self, where: str) -> None:
         """The operation has chosen where it works and is about to begin."""
+
+    def phase(self, label: str) -> None:
+        """A new stretch of work with its own progress from 0 (the bundle, the safety backup)."""
 
     def progress(self, done: int, total: int) -> None:
         pass
@@ -40,14 +46,13 @@ class Ticker:
         self._tick, self._interval = tick, interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="trusca-ticker")
-        self.error: BaseException | None = None
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
             try:
                 self._tick()
-            except Exception as exc:  # a heartbeat that fails must not kill the work it reports on
-                self.error = exc
+            except Exception:  # a progress report that fails must not kill the work it reports on
+                log.exception("progress report failed")
 
     def __enter__(self):
         self._thread.start()

@@ -1,9 +1,14 @@
 """Celery wrappers: they take an id, call the operation, and own the retries."""
 
+import contextlib
+import logging
+
 from celery import shared_task
+from celery.signals import worker_ready
 
 from trusca.backups import maintenance, operations
 
+log = logging.getLogger("trusca.backups")
 # A restore keeps maintenance mode for minutes, not hours; looking again this often starts the
 # backup soon after it ends without busying the queue.
 MAINTENANCE_RETRY_SECONDS = 30
@@ -14,4 +19,13 @@ def run_backup(self, backup_id: int) -> None:
     if maintenance.active():
         # A restore is replacing the database and workspace this backup would read.
         raise self.retry(countdown=MAINTENANCE_RETRY_SECONDS)
-    operations.backup_run_queued(backup_id=backup_id)
+    # A failure is recorded on the row, in the audit log and as one log line; nothing to retry.
+    with contextlib.suppress(operations.OperationFailed):
+        operations.backup_run_queued(backup_id=backup_id)
+
+
+@worker_ready.connect
+def sweep_at_start(**kwargs) -> None:
+    """A worker that starts finishes what a killed one left: a restore's journal, dead runs."""
+    for line in operations.sweep():
+        log.warning("%s", line)

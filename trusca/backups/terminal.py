@@ -1,9 +1,11 @@
 """What the management commands show on a terminal: the ✓ lines, sizes, and a live progress
 line on stderr that appears only when stderr is a TTY (cron gets the plain lines alone)."""
 
-import os
 import sys
 import time
+from pathlib import Path
+
+from django.conf import settings
 
 from trusca.backups.progress import Reporter
 
@@ -20,11 +22,12 @@ def human_size(size: int) -> str:
 
 
 def display_path(path) -> str:
+    """Relative to the installation when inside it, as the manual prints them; else absolute."""
+    path = Path(path)
     try:
-        rel = os.path.relpath(path)
+        return str(path.resolve().relative_to(settings.BASE_DIR))
     except ValueError:
         return str(path)
-    return str(path) if rel.startswith("..") else rel
 
 
 class LiveLine(Reporter):
@@ -36,9 +39,14 @@ class LiveLine(Reporter):
         self._t0 = time.monotonic()
         self._shown = False
 
-    def started(self, path) -> None:
+    def started(self, where: str) -> None:
         if self.announce:
-            self.announce(path)
+            self.announce(where)
+
+    def phase(self, label: str) -> None:
+        self.clear()
+        self.label = label
+        self._t0 = time.monotonic()
 
     def progress(self, done: int, total: int) -> None:
         if not self.enabled:

@@ -10,7 +10,6 @@ from functools import wraps
 from django.conf import settings
 from django.contrib import admin, messages
 from django.contrib.auth.views import redirect_to_login
-from django.db import transaction
 from django.http import JsonResponse, StreamingHttpResponse
 from django.shortcuts import redirect
 from django.template.response import TemplateResponse
@@ -72,12 +71,8 @@ def _page(request) -> tuple[list[Backup], int, bool]:
     return rows[:PAGE_SIZE], number, len(rows) > PAGE_SIZE
 
 
-def _get_backup(pk: int) -> Backup | None:
-    return Backup.objects.defer("manifest").filter(pk=pk).first()
-
-
-def _not_found(pk: int) -> JsonResponse:
-    return problem(404, "backup_not_found", "No such backup", f"There is no backup with id {pk}; it may be deleted.")
+def _not_found(exc: operations.NotFound) -> JsonResponse:
+    return problem(404, "backup_not_found", "No such backup", str(exc))
 
 
 def _describe(backup: Backup) -> dict:
@@ -97,7 +92,7 @@ def _describe(backup: Backup) -> dict:
 
 def _render_index(request, *, status: int = 200) -> TemplateResponse:
     # Reading the list is when a run whose worker died gets noticed and marked failed.
-    operations.backup_sweep_stale()
+    operations.sweep()
     rows, number, has_next = _page(request)
     context = {
         **admin.site.each_context(request),
@@ -119,7 +114,7 @@ def index(request):
 @_guard(superuser=False)
 @require_GET
 def list_api(request):
-    operations.backup_sweep_stale()
+    operations.sweep()
     rows, number, has_next = _page(request)
     latest = rows[0] if rows and number == 1 else Backup.objects.defer("manifest").first()
     return JsonResponse(
@@ -136,14 +131,21 @@ def list_api(request):
 @require_POST
 def run(request):
     try:
-        backup = operations.backup_enqueue(kind=Backup.Kind.MANUAL, actor=request.user.get_username(), request=request)
+        backup = operations.backup_enqueue(
+            kind=Backup.Kind.MANUAL, actor=request.user.get_username(), send=tasks.run_backup.delay, request=request
+        )
     except locks.Busy as exc:
         detail = f"Not started: {exc}. One backup or restore runs at a time; try again when it has finished."
         if wants_json(request):
             return problem(409, "operation_in_progress", "Another backup or restore is running", detail)
         messages.error(request, detail)
         return _render_index(request, status=409)
-    transaction.on_commit(lambda: tasks.run_backup.delay(backup.pk))
+    except operations.OperationFailed as exc:
+        detail = str(exc)
+        if wants_json(request):
+            return problem(503, "queue_unavailable", "The task queue is unavailable", detail)
+        messages.error(request, detail)
+        return _render_index(request, status=503)
     if wants_json(request):
         return JsonResponse(_describe(backup), status=202)
     messages.success(request, f"Backup {backup.name} is queued; its progress shows below.")
@@ -153,17 +155,20 @@ def run(request):
 @_guard(superuser=False)
 @require_GET
 def status(request, pk: int):
-    operations.backup_sweep_stale()
-    backup = _get_backup(pk)
-    return JsonResponse(_describe(backup)) if backup else _not_found(pk)
+    operations.sweep()
+    try:
+        return JsonResponse(_describe(operations.get_backup(pk)))
+    except operations.NotFound as exc:
+        return _not_found(exc)
 
 
 @_guard(superuser=True)
 @require_POST
 def download(request, pk: int):
-    backup = _get_backup(pk)
-    if backup is None:
-        return _not_found(pk)
+    try:
+        backup = operations.get_backup(pk)
+    except operations.NotFound as exc:
+        return _not_found(exc)
     try:
         chunks = operations.backup_download(backup=backup, actor=request.user, request=request)
     except operations.OperationFailed as exc:
@@ -176,9 +181,10 @@ def download(request, pk: int):
 @_guard(superuser=True, page=True)
 @require_http_methods(["GET", "POST"])
 def delete(request, pk: int):
-    backup = _get_backup(pk)
-    if backup is None:
-        return _not_found(pk)
+    try:
+        backup = operations.get_backup(pk)
+    except operations.NotFound as exc:
+        return _not_found(exc)
     context = {**admin.site.each_context(request), "title": "Are you sure?", "backup": backup}
     if request.method == "GET":
         return TemplateResponse(request, "backups/delete_confirmation.html", context)

@@ -7,6 +7,8 @@ disk and S3 implement the same calls, and the layers above (gz, workspace, bundl
 crypto) move file objects.
 """
 
+from __future__ import annotations
+
 import io
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -17,7 +19,7 @@ from typing import BinaryIO
 @dataclass
 class StoredBackup:
     name: str
-    kind: str
+    kind: str  # from the name: who made this copy (an uploaded bundle keeps its manifest's kind inside)
     timestamp: datetime
     # The parsed manifest (trusca.backups.manifest.Manifest); None when missing or unreadable,
     # and then ``error`` says why. A bad manifest is reported, never raised: one damaged backup

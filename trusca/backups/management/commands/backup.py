@@ -1,29 +1,33 @@
 import getpass
 
 from django.conf import settings
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 
 from trusca.backups import locks, operations
+from trusca.backups.management.base import OperationCommand
 from trusca.backups.terminal import LiveLine, display_path, human_size
 
 
-class Command(BaseCommand):
+class Command(OperationCommand):
     help = (
         "Back up the database and the workspace into BACKUP_ROOT/YYYY-MM-DD-HHMMSS/ "
-        "(postgres.sql.gz or sqlite.db.gz, workspace.tar.gz, manifest.json), then prune old "
-        "auto and cli backups. The last line printed is the backup's path."
+        "(postgres.sql.gz or sqlite.db.gz, workspace.tar.gz, and manifest.json signed with "
+        "BACKUP_SIGNING_KEY), then prune auto, cli and pre-restore backups older than "
+        "BACKUP_RETENTION_DAYS. The last line printed is the backup's path."
     )
+    action = "Backup"
+    interrupted_leaves = "the partial backup was removed and nothing else was changed"
 
     def add_arguments(self, parser):
         parser.add_argument(
             "--bundle",
             action="store_true",
-            help="also write BACKUP_ROOT/<name>.tar.gz, the single file the admin's upload accepts",
+            help="also write BACKUP_ROOT/<name>.tar.gz, the single file to copy off the host or upload to restore",
         )
         parser.add_argument("--no-prune", action="store_true", help="keep backups past BACKUP_RETENTION_DAYS")
 
     def handle(self, *args, bundle, no_prune, **options):
-        live = LiveLine(label="backing up", announce=lambda path: self.stdout.write(f"Backup → {display_path(path)}"))
+        live = LiveLine(label="backing up", announce=lambda where: self.stdout.write(f"Backup → {display_path(where)}"))
         try:
             outcome = operations.backup_create(
                 kind="cli", actor=f"cli:{getpass.getuser()}", bundle_too=bundle, prune=not no_prune, reporter=live
@@ -34,7 +38,7 @@ class Command(BaseCommand):
             raise CommandError(f"Backup failed: {exc}") from None
         finally:
             live.clear()
-        path = display_path(outcome.path)
+        path = display_path(settings.BACKUP_ROOT / outcome.backup.name)
         for name, size in outcome.files.items():
             if name != "manifest.json":
                 self.stdout.write(f"✓ wrote {path}/{name} ({human_size(size)})")
@@ -47,5 +51,8 @@ class Command(BaseCommand):
                 f"✓ pruned {display_path(settings.BACKUP_ROOT / name)} "
                 f"(older than {settings.BACKUP_RETENTION_DAYS} days)"
             )
+        if outcome.bundle_error:
+            self.stdout.write(f"Backup complete: {path}")
+            raise CommandError(f"Bundle failed: {outcome.bundle_error}; the backup itself is good: {path}")
         self.stdout.write("Backup complete")
         self.stdout.write(path)

@@ -1,11 +1,12 @@
 import getpass
 import sys
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 from django.utils import timezone
 from django.utils.timesince import timesince
 
 from trusca.backups import locks, operations
+from trusca.backups.management.base import OperationCommand
 from trusca.backups.terminal import LiveLine, display_path
 
 
@@ -19,39 +20,52 @@ class StepLines(LiveLine):
         self.command.stdout.write(f"{'✓' if ok else '!'} {text}")
 
 
-class Command(BaseCommand):
+class Command(OperationCommand):
     help = (
         "Restore the database and the workspace from SOURCE: a backup directory (either naming "
         "format), a bundle .tar.gz, or a backup's name. Everything is checked before anything "
-        "changes; a safety backup of the current state is taken first; the database is restored "
-        "in one transaction, so a failure leaves the portal exactly as it was."
+        "changes; the portal goes into maintenance mode and a safety backup of the current state is "
+        "taken first; the database is restored in one transaction and the workspace swapped in, so a "
+        "failure or a crash leaves the portal as it was, or finishes the restore at the next start."
     )
+    action = "Restore"
 
     def add_arguments(self, parser):
-        parser.add_argument("source", help="backup directory, bundle file, or backup name")
+        parser.add_argument("source", nargs="?", help="backup directory, bundle file, or backup name")
         parser.add_argument("--yes", action="store_true", help="do not ask for confirmation (automation)")
         parser.add_argument(
             "--no-safety-backup",
             action="store_true",
-            help="skip the backup of the current state taken before replacing it",
+            help="skip the backup of the current state taken before replacing it (no way back)",
+        )
+        parser.add_argument(
+            "--trust-unsigned",
+            action="store_true",
+            help=(
+                "restore a backup not signed with this installation's BACKUP_SIGNING_KEY (its SQL runs with the "
+                "portal's database rights: only for a backup whose origin you know)"
+            ),
+        )
+        parser.add_argument(
+            "--resume",
+            action="store_true",
+            help="finish (or undo) a restore that was killed; every other command does this too when it starts",
         )
 
-    def handle(self, *args, source, yes, no_safety_backup, **options):
+    def handle(self, *args, source, yes, no_safety_backup, trust_unsigned, resume, **options):
+        if resume:
+            self._resume()
+            return
+        if not source:
+            raise CommandError("name the backup to restore: manage.py restore SOURCE (see --help)")
         try:
-            path = operations.resolve_source(source)
-        except operations.OperationFailed as exc:
-            raise CommandError(str(exc)) from None
-        if not yes and not sys.stdin.isatty():
-            raise CommandError(
-                "Refusing to restore: there is no terminal to ask for confirmation on. "
-                "Pass --yes to restore without asking. Nothing was changed."
-            )
-        try:
-            with operations.restore_prepare(source=path) as plan:
-                self.stdout.write("✓ preflight: manifest, checksums, archives and every workspace member check out")
+            with operations.restore_prepare(
+                source=source, trust_unsigned=trust_unsigned, safety_backup=not no_safety_backup
+            ) as plan:
+                self.stdout.write("✓ preflight: manifest, signature, checksums, archives and every workspace member")
                 self._describe(plan)
-                if not yes and not self._confirmed():
-                    raise CommandError("Restore cancelled. Nothing was changed.")
+                if not yes:
+                    self._confirm()
                 reporter = StepLines(self)
                 try:
                     outcome = operations.restore_run(
@@ -66,7 +80,7 @@ class Command(BaseCommand):
             raise CommandError(f"{exc}; nothing was changed. Wait for it to finish, then restore again.") from None
         except operations.OperationFailed as exc:
             raise CommandError(f"Restore failed: {exc}") from None
-        expected = plan.manifest["db_revision"]
+        expected = plan.manifest.db_revision
         if outcome.revision_after == expected:
             self.stdout.write(f"✓ db revision matches manifest ({expected})")
         else:
@@ -77,27 +91,45 @@ class Command(BaseCommand):
             self.stdout.write("! Run: python manage.py migrate")
         self.stdout.write("Restore complete")
 
+    def _resume(self) -> None:
+        try:
+            done = operations.restore_recover(reporter=StepLines(self))
+        except operations.OperationFailed as exc:
+            raise CommandError(f"Resume failed: {exc}") from None
+        if done is None:
+            self.stdout.write("No interrupted restore to finish (or it is still running).")
+        else:
+            self.stdout.write(f"✓ {done}")
+
     def _describe(self, plan) -> None:
         write = self.stdout.write
         taken = plan.taken_at.strftime("%Y-%m-%d %H:%M:%S UTC")
-        write(f"About to restore from {display_path(plan.source)}")
-        write(
-            f"  taken {taken} ({timesince(plan.taken_at, timezone.now())} ago), kind {plan.manifest['kind']}, "
-            f"TRUSCA {plan.manifest['app_version']}"
-        )
-        write(f"  db revision: backup {plan.manifest['db_revision']}, live {plan.live_revision}")
+        age = timezone.now() - plan.taken_at
+        ago = "just now" if age.total_seconds() < 60 else f"{timesince(plan.taken_at, timezone.now())} ago"
+        document = plan.manifest
+        write(f"About to restore from {plan.source.label}")
+        write(f"  taken {taken} ({ago}), kind {document.kind}, TRUSCA {document.app_version}, {plan.signature}")
+        write(f"  db revision: backup {document.db_revision}, live {plan.live_revision}")
         write("! This will:")
         write("! - REPLACE the current database content")
+        workspace = display_path(plan.workspace_path)
         if plan.has_workspace:
-            write(f"! - REPLACE {plan.workspace_path} (if workspace.tar.gz present)")
+            write(f"! - REPLACE {workspace} (if workspace.tar.gz present)")
         else:
-            write(f"! - keep {plan.workspace_path} as it is: this backup holds no workspace.tar.gz")
+            write(f"! - keep {workspace} as it is: this backup holds no workspace.tar.gz")
         write(f"! - LOSE everything written since {taken}")
+        write("! - sign everyone out")
         if plan.behind:
             write(f"! The backup is older than this code ({', '.join(plan.behind)}): run migrate afterwards.")
 
-    def _confirmed(self) -> bool:
+    def _confirm(self) -> None:
+        if not sys.stdin.isatty():
+            raise CommandError(
+                "Refusing to restore: there is no terminal to ask for confirmation on. "
+                "Pass --yes to restore without asking. Nothing was changed."
+            )
         self.stdout.write("Continue? [y/N] ", ending="")
         self.stdout.flush()
         answer = sys.stdin.readline()
-        return answer.strip().lower() in ("y", "yes")
+        if answer.strip().lower() not in ("y", "yes"):
+            raise CommandError("Restore cancelled. Nothing was changed.")

@@ -1,35 +1,55 @@
-from pathlib import Path
+import getpass
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 
 from trusca.backups import operations
-from trusca.backups.terminal import display_path
+from trusca.backups.management.base import OperationCommand
 
 
-class Command(BaseCommand):
+class Command(OperationCommand):
     help = (
-        "Check a backup without restoring it: PATH is a backup directory (either naming format) "
-        "or a bundle .tar.gz. The manifest must decode with every key, each file's size and sha256 "
-        "must match, each gzip stream must be intact to its end and the workspace tar must list "
-        "with only safe members. Exits 0 when all hold, 1 naming the first fault otherwise."
+        "Check a backup without restoring it. SOURCE is a backup directory (either naming format), "
+        "a bundle .tar.gz, or a backup's name in BACKUP_ROOT. The manifest must be signed with this "
+        "installation's key, each file's size and sha256 must match, each gzip stream must be intact "
+        "to its end and no longer than recorded, and every workspace member safe to extract. Exits 0 "
+        "when all hold, 1 naming the first fault otherwise."
     )
+    action = "Verify"
 
     def add_arguments(self, parser):
-        parser.add_argument("path", help="backup directory or bundle file")
-
-    def handle(self, *args, path, **options):
-        target = Path(path)
-        try:
-            report = operations.backup_verify(path=target)
-        except operations.OperationFailed as exc:
-            raise CommandError(f"{display_path(target)} is not a good backup: {exc}") from None
-        files = report.manifest["files"]
-        for name, entry in files.items():
-            self.stdout.write(f"✓ {name}: {entry['size']} bytes, sha256 matches, gzip stream intact")
-        if "workspace.tar.gz" in files:
-            self.stdout.write(f"✓ workspace.tar.gz lists {report.members} members, all safe to extract")
-        self.stdout.write(
-            f"✓ manifest: {report.manifest['kind']} backup of {report.manifest['timestamp']}, "
-            f"db revision {report.manifest['db_revision']}"
+        parser.add_argument("source", help="backup directory, bundle file, or backup name")
+        parser.add_argument(
+            "--trust-unsigned",
+            action="store_true",
+            help="check a backup that is not signed with this installation's BACKUP_SIGNING_KEY",
         )
-        self.stdout.write(f"Backup OK: {display_path(target)}")
+        parser.add_argument(
+            "--sign",
+            action="store_true",
+            help=(
+                "vouch for a backup on this host's disk that is whole but unsigned (made before signing existed, "
+                "or under a rotated key): verify it, then sign its manifest with this installation's key"
+            ),
+        )
+
+    def handle(self, *args, source, trust_unsigned, sign, **options):
+        try:
+            with operations.open_source(source) as src:
+                if sign:
+                    report = operations.backup_sign(src, actor=f"cli:{getpass.getuser()}")
+                else:
+                    report = operations.backup_verify(src, trust_unsigned=trust_unsigned)
+        except operations.OperationFailed as exc:
+            raise CommandError(f"{source} is not a good backup: {exc}") from None
+        document = report.manifest
+        for name, entry in document.files.items():
+            self.stdout.write(f"✓ {name}: {entry.size} bytes, sha256 matches, gzip stream intact")
+        if document.workspace:
+            self.stdout.write(f"✓ {document.workspace} lists {report.members} members, all safe to extract")
+        self.stdout.write(
+            f"✓ manifest: {document.kind} backup of {document.timestamp.isoformat()}, "
+            f"db revision {document.db_revision}, {report.signature}"
+        )
+        if sign:
+            self.stdout.write("✓ signed with this installation's BACKUP_SIGNING_KEY")
+        self.stdout.write(f"Backup OK: {source}")

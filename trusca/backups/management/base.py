@@ -1,0 +1,44 @@
+"""What every backup command shares: it first finishes what killed runs left (a restore's
+journal, partial files), and prints one line with the right exit code for an interruption or an
+unreachable service, never a traceback for what an operator can fix."""
+
+import logging
+import sys
+
+import redis
+from django.core.management.base import BaseCommand, CommandError, OutputWrapper
+from django.db import DatabaseError as DjangoDatabaseError
+
+from trusca.backups import operations
+from trusca.backups.errors import Interrupted
+from trusca.backups.operations.lifecycle import interruptible
+
+
+class OperationCommand(BaseCommand):
+    # What the command does, for its interruption line: "Backup interrupted: …".
+    action = "Operation"
+    # What an interruption leaves, for that line.
+    interrupted_leaves = "nothing was changed"
+
+    def execute(self, *args, **options):
+        # The command prints its own lines; the outcome lines are for the worker's log.
+        quiet = options["verbosity"] < 2
+        logging.getLogger("trusca.backups.outcome").setLevel(logging.CRITICAL if quiet else logging.INFO)
+        if options.get("stdout"):
+            self.stdout = OutputWrapper(options["stdout"])
+        try:
+            with interruptible():
+                if not options.get("resume"):
+                    for line in operations.sweep():
+                        self.stdout.write(f"! {line}")
+                return super().execute(*args, **options)
+        except Interrupted as exc:
+            sys.stderr.write(f"\n{self.action} interrupted: {self.interrupted_leaves}.\n")
+            raise SystemExit(exc.exit_code) from None
+        except redis.exceptions.ConnectionError as exc:
+            raise CommandError(
+                f"Redis (CACHE_URL) cannot be reached: {exc}. Start it or fix CACHE_URL; nothing was changed."
+            ) from None
+        except DjangoDatabaseError as exc:
+            first = str(exc).strip().split("\n")[0]
+            raise CommandError(f"the database (DATABASE_URL) cannot be used: {first}. Nothing was changed.") from None

@@ -1,0 +1,66 @@
+"""The workflows. The admin, the views, the Celery tasks and the management commands all call
+these functions and nothing else: no workflow is written twice.
+
+- ``lifecycle``: the lock, heartbeat, cancellation and signals every run shares;
+- ``backup``: taking a backup, here or queued for a worker;
+- ``verify``: checking one without restoring it; ``sources``: what an operator names as one;
+- ``restore``: the restore protocol, its journal and the recovery after a crash;
+- ``catalog``: the Backup table, retention, delete and download;
+- ``sweep``: what dead processes left behind.
+"""
+
+from trusca.backups.errors import Interrupted, NotFound, OperationFailed
+from trusca.backups.operations.backup import (
+    BackupFailed,
+    BackupOutcome,
+    backup_create,
+    backup_enqueue,
+    backup_run_queued,
+)
+from trusca.backups.operations.catalog import backup_delete, backup_download, backup_prune, catalog_sync, get_backup
+from trusca.backups.operations.restore import (
+    RestoreFailed,
+    RestoreOutcome,
+    RestorePlan,
+    RestoreRefused,
+    restore_prepare,
+    restore_recover,
+    restore_run,
+    restore_status,
+)
+from trusca.backups.operations.sources import Source, SourceError, open_source
+from trusca.backups.operations.sweep import sweep
+from trusca.backups.operations.verify import Untrusted, VerifyFailed, VerifyReport, backup_sign, backup_verify
+
+__all__ = [
+    "BackupFailed",
+    "BackupOutcome",
+    "Interrupted",
+    "NotFound",
+    "OperationFailed",
+    "RestoreFailed",
+    "RestoreOutcome",
+    "RestorePlan",
+    "RestoreRefused",
+    "Source",
+    "SourceError",
+    "Untrusted",
+    "VerifyFailed",
+    "VerifyReport",
+    "backup_create",
+    "backup_delete",
+    "backup_download",
+    "backup_enqueue",
+    "backup_prune",
+    "backup_run_queued",
+    "backup_sign",
+    "backup_verify",
+    "catalog_sync",
+    "get_backup",
+    "open_source",
+    "restore_prepare",
+    "restore_recover",
+    "restore_run",
+    "restore_status",
+    "sweep",
+]

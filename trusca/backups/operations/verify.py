@@ -1,0 +1,98 @@
+"""Verifying a backup: every check short of restoring it, in one read of each file."""
+
+from dataclasses import dataclass, replace
+
+from trusca.backups import manifest, workspace
+from trusca.backups.errors import NotFound, OperationFailed
+from trusca.backups.operations.sources import Source
+from trusca.backups.progress import Counter, Reporter
+from trusca.backups.streams import IntegrityError, MemberReader
+
+
+class VerifyFailed(OperationFailed):
+    pass
+
+
+class Untrusted(VerifyFailed):
+    """The backup is whole as far as checked, but not signed with this installation's key."""
+
+
+@dataclass
+class VerifyReport:
+    manifest: manifest.Manifest
+    members: int  # workspace archive members
+    signature: str
+    uncompressed: dict[str, int]  # stored name -> bytes after decompression, as measured
+
+
+def read_manifest(src: Source) -> manifest.Manifest:
+    try:
+        return manifest.parse(src.store.read_manifest(src.name))
+    except NotFound:
+        raise VerifyFailed(f"{manifest.MANIFEST} is missing") from None
+    except manifest.ManifestError as exc:
+        raise VerifyFailed(str(exc)) from None
+
+
+def untrusted_message(state: str) -> str:
+    return (
+        f"its manifest is {state}: this installation's BACKUP_SIGNING_KEY does not vouch for it, and a backup's "
+        "SQL runs with the portal's database rights. If you know where it comes from, restore it with "
+        "--trust-unsigned, or vouch for it once with `manage.py verify_backup --sign`"
+    )
+
+
+def check_trust(document: manifest.Manifest, *, trust_unsigned: bool) -> str:
+    state = document.signature_state()
+    if not manifest.trusted(state) and not trust_unsigned:
+        raise Untrusted(untrusted_message(state))
+    return state
+
+
+def backup_verify(
+    src: Source, *, trust_unsigned: bool = False, reporter: Reporter | None = None, checkpoint=None
+) -> VerifyReport:
+    """The manifest and its signature; each file's size and sha256; each gzip stream intact to
+    its end and no longer than the manifest says; every workspace member safe to extract."""
+    reporter = reporter or Reporter()
+    document = read_manifest(src)
+    state = check_trust(document, trust_unsigned=trust_unsigned)
+    counter = Counter(sum(entry.size for entry in document.files.values()))
+    members = 0
+    uncompressed = {}
+    for name, entry in document.files.items():
+        try:
+            with MemberReader(
+                src.store.open_read(src.name, name), name, entry, progress=counter.add, checkpoint=checkpoint
+            ) as reader:
+                if manifest.archive_of(name) == manifest.WORKSPACE_ARCHIVE:
+                    members = workspace.check(reader)
+                reader.finish()
+                uncompressed[name] = reader.uncompressed
+        except NotFound:
+            raise VerifyFailed(f"{name} is missing") from None
+        except (IntegrityError, workspace.WorkspaceError) as exc:
+            raise VerifyFailed(str(exc)) from None
+        reporter.progress(counter.done, counter.total)
+    return VerifyReport(manifest=document, members=members, signature=state, uncompressed=uncompressed)
+
+
+def backup_sign(src: Source, *, actor: str) -> VerifyReport:
+    """Vouch for a backup made before manifests were signed, or under an older key: verify it
+    whole, record the uncompressed sizes it lacks, and sign its manifest with this key."""
+    from trusca.portal import audit
+
+    if not hasattr(src.store, "path"):
+        raise VerifyFailed("only a backup on this host's disk can be signed")
+    report = backup_verify(src, trust_unsigned=True)
+    document = report.manifest
+    files = {
+        name: replace(entry, uncompressed_size=report.uncompressed[name]) for name, entry in document.files.items()
+    }
+    signed = replace(document, files=files).signed()
+    path = src.store.path(src.name) / manifest.MANIFEST
+    partial = path.with_name(f".{manifest.MANIFEST}.signing")
+    partial.write_bytes(signed.to_json())
+    partial.replace(path)
+    audit.record(actor=actor, action="backup.signed", target=src.label, detail={"was": report.signature})
+    return replace(report, manifest=signed, signature=signed.signature_state())
