@@ -80,6 +80,10 @@ BACKUP_RETENTION_DAYS = envint("BACKUP_RETENTION_DAYS", "7", minimum=1)
 # BACKUP_STALE_SECONDS is taken for dead, its lock freed and its row marked failed.
 BACKUP_HEARTBEAT_SECONDS = envint("BACKUP_HEARTBEAT_SECONDS", "10", minimum=1)
 BACKUP_STALE_SECONDS = envint("BACKUP_STALE_SECONDS", "180", minimum=2)
+# OpenPGP encryption of new backups (trusca/backups/crypto.py): a passphrase, armored public keys
+# (one or several), or both, in which case either opens them.
+BACKUP_ENCRYPTION_PASSPHRASE = envstr("BACKUP_ENCRYPTION_PASSPHRASE")
+BACKUP_ENCRYPTION_RECIPIENTS = envstr("BACKUP_ENCRYPTION_RECIPIENTS")
 
 try:
     DATABASES = {
