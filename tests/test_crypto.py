@@ -8,6 +8,7 @@ scanners to flag.
 
 import io
 import os
+import resource
 import secrets
 import signal
 import subprocess
@@ -275,6 +276,19 @@ def test_probe_reads_only_the_head_and_refuses_a_wrong_key():
     assert gpg_children() == {}
     with pytest.raises(EncryptionError, match="wrong passphrase or key"):
         crypto.probe(io.BytesIO(blob), DecryptionKeys(passphrase="other"))
+
+
+def test_it_works_in_a_process_holding_more_than_a_thousand_files(alice):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(soft, 4096), hard), hard))
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        blob = encrypt(EncryptionKeys(passphrase="pw", recipients=(alice.public,)))
+        assert decrypt(blob, alice.opens()) == PLAIN
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_an_exception_while_writing_kills_gpg_and_leaves_the_message_unfinished():

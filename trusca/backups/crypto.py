@@ -297,7 +297,7 @@ def _stream_name(stream, name: str | None) -> str:
 
 
 class _GpgStream(io.RawIOBase):
-    """One gpg child driven from the caller's thread alone: select() over its stdin, stdout and
+    """One gpg child driven from the caller's thread alone: poll() over its stdin, stdout and
     stderr, so neither side can block the other however full a pipe is, and every read of the
     source or write to the sink happens in the caller's thread."""
 
@@ -346,13 +346,20 @@ class _GpgStream(io.RawIOBase):
         self._error = EncryptionError(message)
         return self._error
 
-    def _wait_for(self, *, write: bool) -> list[int]:
-        readers = [fd for fd in (self._stdout, self._stderr) if fd is not None]
-        writers = [self._stdin] if write and self._stdin is not None else []
-        readable, writable, _ = select.select(readers, writers, [])
-        if self._stderr in readable:
+    def _wait_for(self, *, write: bool, timeout: float | None = None) -> list[int]:
+        """The pipes ready to use (a closed peer counts: the next read or write says so)."""
+        # poll(), not select(): a worker with a thousand open files gets descriptors select
+        # cannot take.
+        poller = select.poll()
+        for fd in (self._stdout, self._stderr):
+            if fd is not None:
+                poller.register(fd, select.POLLIN)
+        if write and self._stdin is not None:
+            poller.register(self._stdin, select.POLLOUT)
+        ready = [fd for fd, _ in poller.poll(timeout)]
+        if self._stderr in ready:
             self._read_log()
-        return readable + writable
+        return ready
 
     def _read_log(self) -> None:
         try:
@@ -547,8 +554,8 @@ class _DecryptingReader(_GpgStream):
     def _check_encrypted(self) -> None:
         # gpg writes a status line before the plaintext it announces: once plaintext is here,
         # so is BEGIN_DECRYPTION, unless the file was never encrypted at all.
-        while self._stderr is not None and select.select([self._stderr], [], [], 0)[0]:
-            self._read_log()
+        while self._stderr is not None and self._stderr in self._wait_for(write=False, timeout=0):
+            pass
         if "BEGIN_DECRYPTION" not in self._status():
             raise self._fail(f"{self.name} is not an encrypted OpenPGP file")
         self._checked = True
