@@ -99,6 +99,10 @@ BACKUP_STALE_SECONDS = envint("BACKUP_STALE_SECONDS", "180", minimum=2)
 # rotation stay usable for checking, comma- or line-separated.
 BACKUP_SIGNING_KEY = envstr("BACKUP_SIGNING_KEY")
 BACKUP_SIGNING_OLD_KEYS = envstr("BACKUP_SIGNING_OLD_KEYS")
+# OpenPGP encryption of new backups (trusca/backups/crypto.py): a passphrase, armored public keys
+# (one or several), or both, in which case either opens them.
+BACKUP_ENCRYPTION_PASSPHRASE = envstr("BACKUP_ENCRYPTION_PASSPHRASE")
+BACKUP_ENCRYPTION_RECIPIENTS = envstr("BACKUP_ENCRYPTION_RECIPIENTS")
 
 try:
     DATABASES = {

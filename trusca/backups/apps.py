@@ -4,6 +4,8 @@ import shutil
 from django.apps import AppConfig
 from django.core import checks
 
+from trusca.backups.crypto import check_encryption
+
 
 class BackupsConfig(AppConfig):
     name = "trusca.backups"
@@ -13,6 +15,7 @@ class BackupsConfig(AppConfig):
     def ready(self):
         checks.register(check_paths, "backups")
         checks.register(check_tools, "backups")
+        checks.register(check_encryption, "backups")
 
 
 def check_paths(app_configs=None, **kwargs):
