@@ -1,4 +1,5 @@
 import gzip
+import io
 import json
 import os
 import subprocess
@@ -234,3 +235,58 @@ def test_the_database_password_never_reaches_a_command_line(demo, monkeypatch, t
     [directory] = backup_dirs()
     assert b"hunter2" not in (directory / "manifest.json").read_bytes()
     assert not any("hunter2" in line for line in lines)
+
+
+def test_a_backup_that_loses_its_lock_stops_and_says_so(demo):
+    from tests.test_interruptions import big_workspace, start, wait_for
+    from trusca.backups import locks
+
+    big_workspace(256)
+    proc = start("backup")
+    wait_for(lambda: Backup.objects.filter(status="running", progress__gt=0).exists(), proc, "the backup running")
+    # Another process breaks the lock (as after BACKUP_STALE_SECONDS of silence) and takes it.
+    (settings.VAR_DIR / "operation.lock").unlink()
+    with locks.OperationLock("a restore"):
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert "Backup failed: lost the operation lock" in err
+    assert "the partial backup was removed" in err
+    assert backup_dirs() == []
+    assert Backup.objects.get().status == "failed"
+
+
+def test_the_bundle_is_at_most_half_a_percent_larger_than_the_backup(demo):
+    from tests.test_interruptions import big_workspace
+
+    big_workspace(32)
+    run_backup("--bundle")
+    [directory] = backup_dirs()
+    files = sum(p.stat().st_size for p in directory.iterdir())
+    bundle = directory.with_name(f"{directory.name}.tar.gz").stat().st_size
+    assert files < bundle <= files * 1.005
+    subprocess.run(["gunzip", "-t", str(directory.with_name(f"{directory.name}.tar.gz"))], check=True)
+
+
+def test_a_full_disk_while_writing_the_bundle_removes_it_and_keeps_the_backup(demo, tmp_path):
+    from tests.test_interruptions import big_workspace
+
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(small)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here")
+    try:
+        big_workspace(16)  # 16 MB that do not compress: the backup fits, the bundle beside it does not
+        settings.BACKUP_ROOT = small / "backups"
+        out = io.StringIO()
+        with pytest.raises(
+            CommandError,
+            match="Bundle failed: No space left on device.*the partial bundle was removed; the backup itself is good",
+        ):
+            call_command("backup", "--bundle", stdout=out)
+        [directory] = backup_dirs()
+        assert sorted(p.name for p in settings.BACKUP_ROOT.iterdir()) == [directory.name]
+        call_command("verify_backup", str(directory), stdout=io.StringIO())
+        assert Backup.objects.get().status == "succeeded"
+    finally:
+        subprocess.run(["umount", str(small)], check=True)

@@ -405,3 +405,45 @@ def test_a_running_backup_cannot_be_deleted(su_client):
     )
     assert running.name in body["detail"]
     assert Backup.objects.filter(pk=running.pk).exists()
+
+
+@pytest.fixture
+def broker_down():
+    """The real Celery app, pointed at a port where no broker listens."""
+    from trusca.celery import app
+
+    def repoint(url):
+        app.conf.broker_url = url
+        app._pool = None
+        app.amqp._producer_pool = None
+
+    previous = app.conf.broker_url
+    repoint("redis://127.0.0.1:1/0")
+    yield
+    repoint(previous)
+
+
+def test_a_broker_that_is_down_fails_the_row_frees_the_lock_and_says_so(su_client, broker_down):
+    body = assert_problem(
+        su_client.post(reverse("backups:run"), headers={"accept": "application/json"}), 503, "queue_unavailable"
+    )
+    assert "the task queue (CELERY_BROKER_URL) refused the job" in body["detail"]
+    assert "Nothing was started" in body["detail"]
+    row = Backup.objects.get()
+    assert row.status == "failed" and "refused the job" in row.message
+    assert locks.current() is None
+    assert AuditEvent.objects.filter(action="backup.failed", target=row.name).exists()
+    page = su_client.post(reverse("backups:run"))
+    assert page.status_code == 503 and "Nothing was started" in page.content.decode()
+
+
+@pytest.mark.parametrize("name", ["../outside", "../../etc", "/etc", ".partial-x", "a/b"])
+def test_a_catalog_row_with_an_unsafe_name_is_never_used_as_a_path(su_client, name, caplog):
+    row = Backup.objects.create(name=name, kind="manual", status="succeeded", created_at=timezone.now())
+    for response in (
+        su_client.post(reverse("backups:download", args=[row.pk]), headers={"accept": "application/json"}),
+        su_client.post(reverse("backups:delete", args=[row.pk]), headers={"accept": "application/json"}),
+    ):
+        assert_problem(response, 404, "backup_not_found")
+    assert Backup.objects.filter(pk=row.pk).exists()
+    assert "unsafe name" in caplog.text

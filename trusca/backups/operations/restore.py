@@ -341,9 +341,13 @@ def _load(plan: RestorePlan, run: Run, journal: Journal, status: "_Status", repo
         status.tick(counter.percent)
         reporter.progress(counter.done, counter.total)
 
+    # A manifest older than the uncompressed sizes bounds nothing: the free space does.
+    free = shutil.disk_usage(journal.live.parent).free
+
     def reader(member: str) -> MemberReader:
         raw = src.store.open_read(src.name, member)
-        return MemberReader(raw, member, document.files[member], progress=counter.add, checkpoint=run.checkpoint)
+        entry = document.files[member]
+        return MemberReader(raw, member, entry, progress=counter.add, limit=free, checkpoint=run.checkpoint)
 
     def stage() -> None:
         with reader(document.workspace) as archive:
