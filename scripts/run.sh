@@ -147,8 +147,13 @@ stop_all() {
     kill -TERM "${pids[@]}" 2>/dev/null || true
     wait "${pids[@]}" 2>/dev/null || true
 }
-trap 'say "Stopping"; stop_all; exit 130' INT
-trap 'say "Stopping"; stop_all; exit 143' TERM
+# Piped through grep or tail, Ctrl-C ends the reader too: writing "Stopping" to the closed pipe
+# must not kill this script before it has stopped its children, so SIGPIPE is ignored, the
+# children are stopped first, and whatever way the script ends, they end with it.
+trap '' PIPE
+trap 'stop_all; say "Stopped" 2>/dev/null; exit 130' INT
+trap 'stop_all; say "Stopped" 2>/dev/null; exit 143' TERM
+trap '[ "$stopping" -eq 1 ] || stop_all' EXIT
 
 start web .venv/bin/gunicorn trusca.wsgi:application \
     --bind "$BIND" \
@@ -160,7 +165,8 @@ start web .venv/bin/gunicorn trusca.wsgi:application \
 start worker .venv/bin/celery -A trusca worker -Q backups,default --concurrency 1 --loglevel INFO
 start beat .venv/bin/celery -A trusca beat --loglevel INFO
 
-# The sign-in banner comes once the web server answers, below the start-up logs, where it is seen.
+# The sign-in banner comes once the web server answers and the worker replies, below the
+# start-up logs of all three, where it is seen.
 all_alive() {
     local pid
     for pid in "${pids[@]}"; do
@@ -172,6 +178,10 @@ for _ in $(seq 120); do
     port_answers && break
     all_alive || break
     sleep 0.5
+done
+for _ in $(seq 30); do
+    all_alive || break
+    .venv/bin/celery -A trusca inspect ping --timeout 1 >/dev/null 2>&1 && break
 done
 if all_alive; then
     banner

@@ -68,6 +68,9 @@ def portal(tmp_path):
 def test_the_start_command_brings_up_a_working_admin_with_a_worker(portal):
     base, root = portal
     output = (root / "run.log").read_text()
+    banner = output.index("TRUSCA is running")
+    assert output.index(" ready.") < banner, "the worker's start-up banner comes before the sign-in banner"
+    assert output.index("beat: Starting") < banner
     password_file = root / "var" / "admin-password"
     assert password_file.stat().st_mode & 0o777 == 0o600
     password = password_file.read_text().strip()
@@ -99,3 +102,56 @@ def test_the_start_command_brings_up_a_working_admin_with_a_worker(portal):
     assert state["status"] == "succeeded", state["message"]
     assert (root / "backups" / state["name"] / "manifest.json").is_file()
     assert any((root / "workspace").iterdir()), "the first start seeds demo scans with workspace files"
+
+
+def test_ctrl_c_on_a_piped_run_stops_every_child(tmp_path):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "CELERY_BROKER_URL", "CACHE_URL")}
+    env.update(
+        PORT=str(port),
+        TRUSCA_VAR_DIR=str(tmp_path / "var"),
+        WORKSPACE_HOST_PATH=str(tmp_path / "workspace"),
+        BACKUP_ROOT=str(tmp_path / "backups"),
+    )
+    seen = tmp_path / "seen.log"
+    # The reader at the end of the pipe dies with Ctrl-C too, as grep or tail on a terminal do.
+    shell = subprocess.Popen(
+        ["bash", "-c", f"{settings.BASE_DIR}/scripts/run.sh 2>&1 | grep --line-buffered 'TRUSCA is running' > {seen}"],
+        env=env,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + START_TIMEOUT_SECONDS
+    while b"TRUSCA is running" not in (seen.read_bytes() if seen.exists() else b""):
+        assert shell.poll() is None and time.monotonic() < deadline
+        time.sleep(0.5)
+    # The reader goes first (head that has seen enough, a grep killed), then the script is
+    # interrupted: its children must not outlive it, whatever happens to its output.
+    [reader] = [pid for pid, cmd in _processes_of(tmp_path, with_pids=True) if cmd.startswith("grep")]
+    os.kill(reader, signal.SIGKILL)
+    [script] = [pid for pid, cmd in _processes_of(tmp_path, with_pids=True) if cmd.endswith("scripts/run.sh ")]
+    os.kill(script, signal.SIGINT)
+    shell.wait(timeout=60)
+    deadline = time.monotonic() + 30
+    while _processes_of(tmp_path) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _processes_of(tmp_path) == []
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", port)) != 0, "nothing listens on the port any more"
+
+
+def _processes_of(root, *, with_pids: bool = False) -> list:
+    """Command lines (and pids) of the processes whose environment names this run's var directory."""
+    found = []
+    for proc in os.listdir("/proc"):
+        if not proc.isdigit():
+            continue
+        try:
+            with open(f"/proc/{proc}/environ", "rb") as fh:
+                if f"TRUSCA_VAR_DIR={root / 'var'}".encode() not in fh.read().split(b"\0"):
+                    continue
+            with open(f"/proc/{proc}/cmdline", "rb") as fh:
+                command = fh.read().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        found.append((int(proc), command) if with_pids else command)
+    return found
