@@ -230,6 +230,26 @@ def test_it_refuses_duplicates_and_a_file_where_a_directory_is(sandbox):
     refused(tar_of(symlink("alias", "d"), file("alias/x")), sandbox, "member 'alias/x' is written through the symlink")
 
 
+def test_it_refuses_a_tree_deeper_than_a_restore_can_clean_up(sandbox):
+    # 2,000 levels fit in PATH_MAX, and shutil.rmtree of them (a failed staging) hits the
+    # recursion limit: the next restore could not even clear the staging directory.
+    deep = "/".join(["d"] * workspace.MAX_DEPTH)
+    refused(tar_of(file(deep + "/f")), sandbox, r"member 'd/d/.*/d/f' is nested more than 256 directories deep")
+    assert workspace.check(io.BytesIO(tar_of(file(deep)))) == 1
+
+
+def test_a_workspace_too_deep_to_restore_is_not_archived(tmp_path):
+    source = tmp_path / "source"
+    deep = source.joinpath(*["d"] * workspace.MAX_DEPTH)
+    deep.mkdir(parents=True)
+    sink = Sink()
+    workspace.archive(source, sink, progress=lambda n: None)  # as deep as a restore allows
+    (deep / "f").write_bytes(b"x")
+    assert workspace.measure(source) == 1
+    with pytest.raises(WorkspaceError, match=r"/d/f is nested more than 256 directories deep, which a restore"):
+        workspace.archive(source, Sink(), progress=lambda n: None)
+
+
 def test_it_refuses_devices_fifos_and_unknown_types(sandbox):
     refused(tar_of(entry("sda", tarfile.BLKTYPE, devmajor=8)), sandbox, "member 'sda' is a device or fifo")
     refused(tar_of(entry("null", tarfile.CHRTYPE, devmajor=1, devminor=3)), sandbox, "member 'null' is a device")

@@ -35,6 +35,10 @@ MAX_LINKS = 40
 # Names and link targets longer than PATH_MAX cannot come from a real directory tree.
 MAX_NAME = 4095
 MAX_COMPONENT = 255
+# Far deeper than real trees go, and shallow enough for what recurses per level (shutil.rmtree
+# removing a failed staging, os.walk before 3.12): 2,000 levels fit in PATH_MAX and crash both.
+# Extraction also opens each level of a directory it has not kept open, so depth is its cost.
+MAX_DEPTH = 256
 MAX_EXTENDED_HEADER = 1024 * 1024
 
 _ZERO_BLOCK = bytes(BLOCK)
@@ -53,16 +57,24 @@ class UnsafeArchive(WorkspaceError):
 
 
 def measure(root: Path) -> int:
-    """Bytes of regular files under root: the denominator of the progress bar."""
+    """Bytes of regular files under root: the denominator of the progress bar. Unreadable
+    entries count nothing: archive() reports them, with the path."""
     total = 0
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
+    pending = [os.fspath(root)]
+    while pending:
+        try:
+            with os.scandir(pending.pop()) as listing:
+                entries = list(listing)
+        except OSError:
+            continue
+        for entry in entries:
             try:
-                st = os.lstat(os.path.join(dirpath, name))
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(entry.path)
+                elif entry.is_file(follow_symlinks=False):
+                    total += entry.stat(follow_symlinks=False).st_size
             except OSError:
-                continue  # archive() reports it, with the path
-            if stat.S_ISREG(st.st_mode):
-                total += st.st_size
+                continue
     return total
 
 
@@ -190,20 +202,25 @@ class _Owners:
 def _walk(root: Path) -> Iterator[tuple[os.DirEntry, str]]:
     """Every entry under root, depth first, by name within a directory; a directory's own
     entries come together, so extraction rarely changes directory. Links are not followed."""
-    pending = [(os.fspath(root), "")]
+    pending = [(os.fspath(root), "", 1)]
     while pending:
-        path, prefix = pending.pop()
+        path, prefix, depth = pending.pop()
         try:
             with os.scandir(path) as listing:
                 entries = sorted(listing, key=lambda e: e.name)
         except OSError as exc:
             raise WorkspaceError(f"cannot read {path}: {exc.strerror}") from None
+        if entries and depth > MAX_DEPTH:
+            raise WorkspaceError(
+                f"{entries[0].path} is nested more than {MAX_DEPTH} directories deep, "
+                "which a restore would refuse: move it higher in the workspace"
+            )
         below = []
         for entry in entries:
             arcname = prefix + entry.name
             yield entry, arcname
             if entry.is_dir(follow_symlinks=False):
-                below.append((entry.path, arcname + "/"))
+                below.append((entry.path, arcname + "/", depth + 1))
         pending.extend(reversed(below))
 
 
@@ -508,16 +525,17 @@ class _Tree:
         if key == self._parent_key:
             return self._parent
         node = self.root
-        walked = b""
-        for part in key.split(b"/") if key else ():
-            walked = walked + b"/" + part if walked else part
+        parts = key.split(b"/") if key else []
+        for depth, part in enumerate(parts, 1):
             child = node.get(part)
             if child is None:
                 child = node[part] = _Dir(node)
             elif type(child) is _Link:
-                raise UnsafeArchive(f"member {_show(name)} is written through the symlink {_show(walked)}")
+                walked = _show(b"/".join(parts[:depth]))
+                raise UnsafeArchive(f"member {_show(name)} is written through the symlink {walked}")
             elif type(child) is not _Dir:
-                raise UnsafeArchive(f"member {_show(name)} is inside {_show(walked)}, which is not a directory")
+                walked = _show(b"/".join(parts[:depth]))
+                raise UnsafeArchive(f"member {_show(name)} is inside {walked}, which is not a directory")
             node = child
         self._parent_key, self._parent = key, node
         return node
@@ -610,6 +628,8 @@ def _split(name: bytes) -> tuple[bytes, bytes]:
         or (len(normal) > MAX_COMPONENT and max(map(len, parts)) > MAX_COMPONENT)
     ):
         raise UnsafeArchive(f"member {_show(name)} has a name no file system can hold")
+    if len(parts) > MAX_DEPTH:
+        raise UnsafeArchive(f"member {_show(name)} is nested more than {MAX_DEPTH} directories deep")
     parent, _, base = normal.rpartition(b"/")
     return parent, base
 
