@@ -321,7 +321,7 @@ def test_it_refuses_a_symlink_outside_followed_by_a_file_through_it(demo, tmp_pa
 def test_it_refuses_a_relative_symlink_climbing_out(demo):
     backup = take_backup()
     with_member(backup, lambda tar: (link_member("1/up", "../..")(tar), file_member("1/up/pwned.txt")(tar)))
-    refused(backup, "symlink '1/up' points outside the workspace")
+    refused(backup, "member '1/up/pwned.txt' is written through the symlink '1/up'")
 
 
 def test_it_refuses_a_file_written_through_an_inside_symlink(demo):
@@ -460,4 +460,4 @@ def test_setuid_bits_do_not_survive_extraction(demo):
 
     with_member(backup, add)
     restore(backup, "--no-safety-backup")
-    assert (settings.WORKSPACE_HOST_PATH / "tool.sh").stat().st_mode & 0o7777 == 0o777
+    assert (settings.WORKSPACE_HOST_PATH / "tool.sh").stat().st_mode & 0o7777 == 0o775

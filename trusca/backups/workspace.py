@@ -1,14 +1,51 @@
-"""Archive the workspace into a gzip tar, and check and extract one without trusting it."""
+"""Archive the workspace as a tar stream, and check and extract one without trusting it.
 
+Reading is our own: a small tar reader (ustar, GNU long names, PAX) rather than tarfile, whose
+extraction is where every escape of issue 7 happened and whose per-member cost (a TarInfo, its
+own stream buffer, and realpath() in its 'data' filter) was most of a restore's extraction
+time. What it does not understand it refuses.
+
+Safety does not rest on names. Extraction walks to each member's directory from a descriptor
+of the target, one component at a time with O_NOFOLLOW, and creates every entry relative to that
+directory with O_EXCL: nothing is ever written, linked or made through a symlink, whatever the
+archive's names and links say. What links are left behind is decided on a model of the tree the
+archive builds (every name it creates, links with their targets): once the stream is read, each
+link is resolved in the model as the kernel would resolve it, following the other links, and the
+archive is refused if one leaves the target or loops. check() builds the same model without
+writing, so verify refuses exactly what restore refuses.
+"""
+
+import grp
 import os
+import pwd
 import stat
 import tarfile
-from collections.abc import Callable
-from pathlib import Path, PurePosixPath
-
-from trusca.backups import gz
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import BinaryIO
 
 Progress = Callable[[int], None]
+
+CHUNK = 1024 * 1024
+BLOCK = 512
+RECORD = 20 * BLOCK  # what tar pads an archive to
+# The kernel gives up on a path after following 40 links (MAXSYMLINKS): a link that needs more
+# is broken wherever it lives, and refusing it bounds the work of resolving links.
+MAX_LINKS = 40
+# Names and link targets longer than PATH_MAX cannot come from a real directory tree.
+MAX_NAME = 4095
+MAX_COMPONENT = 255
+# Far deeper than real trees go, and shallow enough for what recurses per level (shutil.rmtree
+# removing a failed staging, os.walk before 3.12): 2,000 levels fit in PATH_MAX and crash both.
+# Extraction also opens each level of a directory it has not kept open, so depth is its cost.
+MAX_DEPTH = 256
+MAX_EXTENDED_HEADER = 1024 * 1024
+
+_ZERO_BLOCK = bytes(BLOCK)
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: a file swapped for a fifo after it was listed must not hang the backup.
+_SOURCE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 class WorkspaceError(Exception):
@@ -20,140 +57,749 @@ class UnsafeArchive(WorkspaceError):
 
 
 def measure(root: Path) -> int:
-    """Bytes of regular files under root: the denominator of the progress bar."""
+    """Bytes of regular files under root: the denominator of the progress bar. Unreadable
+    entries count nothing: archive() reports them, with the path."""
     total = 0
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
+    pending = [os.fspath(root)]
+    while pending:
+        try:
+            with os.scandir(pending.pop()) as listing:
+                entries = list(listing)
+        except OSError:
+            continue
+        for entry in entries:
             try:
-                st = os.lstat(os.path.join(dirpath, name))
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(entry.path)
+                elif entry.is_file(follow_symlinks=False):
+                    total += entry.stat(follow_symlinks=False).st_size
             except OSError:
-                continue  # archive() reports it, with the path
-            if stat.S_ISREG(st.st_mode):
-                total += st.st_size
+                continue
     return total
 
 
-class _StreamingTar(tarfile.TarFile):
-    """A tar read or written once, front to back. TarFile keeps every member it has seen, which
-    grows with the archive; a stream never looks back, so memory stays flat whatever its size."""
-
-    # tarfile copies member data in 16 KiB pieces by default; bigger ones cut the per-call cost.
-    copybufsize = gz.CHUNK
-
-    def addfile(self, tarinfo, fileobj=None):
-        super().addfile(tarinfo, fileobj)
-        self.members.clear()
-
-    def next(self):
-        self.members.clear()
-        return super().next()
+# Writing --------------------------------------------------------------------------------------
 
 
-def archive(root: Path, out, *, progress: Progress) -> None:
+def archive(root: Path, out: BinaryIO, *, progress: Progress) -> None:
+    """Write root's tree to out as an uncompressed tar (PAX where ustar falls short). Files are
+    copied in CHUNK pieces and progress counts them as they are read. Errors writing to out
+    propagate as themselves; errors reading the workspace are WorkspaceErrors naming the path."""
     if not root.is_dir():
         raise WorkspaceError(f"the workspace directory {root} does not exist or is not a directory")
-    with _StreamingTar.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-        for full, arcname in _walk(root):
-            try:
-                info = tar.gettarinfo(full, arcname)
-            except OSError as exc:
-                raise WorkspaceError(f"cannot read {full}: {exc.strerror}") from None
-            # Whole seconds, as GNU tar keeps them: a fractional mtime costs every member an
-            # extra PAX header, which doubles the headers a restore has to parse.
-            info.mtime = int(info.mtime)
-            if info.isreg():
-                try:
-                    fh = open(full, "rb")
-                except OSError as exc:
-                    raise WorkspaceError(f"cannot read {full}: {exc.strerror}") from None
-                with fh:  # write errors (a full disk) propagate as themselves
-                    tar.addfile(info, fh)
-                progress(info.size)
-            elif info.isdir() or info.issym() or info.islnk():
-                tar.addfile(info)
-            # Sockets, fifos and devices are not workspace data and cannot be restored safely.
+    owners = _Owners()
+    first_names: dict[tuple[int, int], str] = {}
+    written = 0
+    for entry, arcname in _walk(root):
+        if entry.is_file(follow_symlinks=False):
+            written += _archive_file(entry.path, arcname, out, owners, first_names, progress)
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+            linkname = os.readlink(entry.path) if stat.S_ISLNK(st.st_mode) else ""
+        except OSError as exc:
+            raise WorkspaceError(f"cannot read {entry.path}: {exc.strerror}") from None
+        if stat.S_ISDIR(st.st_mode):
+            info = owners.info(arcname, st, tarfile.DIRTYPE)
+        elif stat.S_ISLNK(st.st_mode):
+            info = owners.info(arcname, st, tarfile.SYMTYPE)
+            info.linkname = linkname
+        else:
+            continue  # sockets, fifos and devices are not workspace data
+        header = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+        out.write(header)
+        written += len(header)
+    end = 2 * BLOCK + (-(written + 2 * BLOCK)) % RECORD
+    out.write(bytes(end))
 
 
-def _walk(root: Path):
-    def onerror(exc: OSError):
-        raise WorkspaceError(f"cannot read {exc.filename}: {exc.strerror}")
-
-    for dirpath, dirs, files in os.walk(root, onerror=onerror):
-        dirs.sort()
-        rel = os.path.relpath(dirpath, root)
-        for name in sorted(dirs) + sorted(files):
-            full = os.path.join(dirpath, name)
-            arcname = name if rel == "." else f"{rel}/{name}"
-            yield full, arcname
-        # os.walk does not descend into symlinked directories; they are archived as links.
-
-
-def check_member(info: tarfile.TarInfo, seen_links: set[str], seen_files: set[str]) -> None:
-    """Refuse a member that could write outside the extraction directory, or is not plain data."""
-    name = info.name
-    parts = PurePosixPath(name).parts
-    if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
-        raise UnsafeArchive(f"member {name!r} has an absolute path")
-    if ".." in parts:
-        raise UnsafeArchive(f"member {name!r} contains '..'")
-    normalized = "/".join(p for p in parts if p != ".")
-    for i in range(1, len(parts)):
-        if "/".join(p for p in parts[:i] if p != ".") in seen_links:
-            raise UnsafeArchive(f"member {name!r} is written through the symlink {'/'.join(parts[:i])!r}")
-    if info.ischr() or info.isblk() or info.isfifo():
-        raise UnsafeArchive(f"member {name!r} is a device or fifo")
-    if info.issym():
-        target = info.linkname
-        if target.startswith("/"):
-            raise UnsafeArchive(f"symlink {name!r} points to the absolute path {target!r}")
-        resolved = os.path.normpath(os.path.join(os.path.dirname(normalized), target))
-        if resolved == ".." or resolved.startswith("../"):
-            raise UnsafeArchive(f"symlink {name!r} points outside the workspace ({target!r})")
-        seen_links.add(normalized)
-    elif info.islnk():
-        target = "/".join(p for p in PurePosixPath(info.linkname).parts if p != ".")
-        if info.linkname.startswith("/") or ".." in PurePosixPath(info.linkname).parts or target not in seen_files:
-            raise UnsafeArchive(f"hardlink {name!r} points outside the archive ({info.linkname!r})")
-    elif not (info.isreg() or info.isdir()):
-        raise UnsafeArchive(f"member {name!r} has an unsupported type")
-    if info.isreg() or info.islnk():
-        seen_files.add(normalized)
-
-
-def _plain_data(member: tarfile.TarInfo, dest_path: str) -> tarfile.TarInfo:
-    """What tarfile's 'data' filter does to modes, without its realpath() of every member (a
-    third of a restore's extraction time): check_member has already refused anything that could
-    leave the fresh staging directory, which holds nothing but what this archive put there."""
-    mode = None if member.mode is None else member.mode & 0o777
-    if member.isreg() and mode is not None:
-        mode |= 0o600  # the owner can always read and write what was restored
-    return member.replace(mode=mode, deep=False)
-
-
-def check(stream) -> int:
-    """Read the whole archive: it decompresses and lists, and every member is safe. Member count."""
-    seen_links: set[str] = set()
-    seen_files: set[str] = set()
-    count = 0
+def _archive_file(path: str, arcname: str, out: BinaryIO, owners, first_names: dict, progress: Progress) -> int:
     try:
-        with _StreamingTar.open(fileobj=stream, mode="r|") as tar:
-            for info in tar:
-                check_member(info, seen_links, seen_files)
-                count += 1
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        raise WorkspaceError(f"the workspace archive does not read to its end as a tar archive ({exc})") from None
+        fd = os.open(path, _SOURCE_FLAGS)
+    except OSError as exc:
+        raise WorkspaceError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        try:
+            st = os.fstat(fd)
+        except OSError as exc:
+            raise WorkspaceError(f"cannot read {path}: {exc.strerror}") from None
+        if not stat.S_ISREG(st.st_mode):
+            return 0  # replaced by something else since it was listed
+        if st.st_nlink > 1:
+            key = (st.st_dev, st.st_ino)
+            if key in first_names:
+                info = owners.info(arcname, st, tarfile.LNKTYPE)
+                info.linkname = first_names[key]
+                header = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+                out.write(header)
+                return len(header)
+            first_names[key] = arcname
+        info = owners.info(arcname, st, tarfile.REGTYPE)
+        info.size = size = st.st_size
+        header = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+        padding = bytes(-size % BLOCK)
+        if size <= CHUNK:  # one write for most files: the caller's writer costs per call
+            data = _read(fd, size, path)
+            out.write(header + data + padding)
+            progress(size)
+        else:
+            out.write(header)
+            remaining = size
+            while remaining:
+                data = _read(fd, min(CHUNK, remaining), path)
+                out.write(data)
+                progress(len(data))
+                remaining -= len(data)
+            out.write(padding)
+        return len(header) + size + len(padding)
+    finally:
+        os.close(fd)
+
+
+def _read(fd: int, size: int, path: str) -> bytes:
+    pieces = []
+    while size:
+        try:
+            data = os.read(fd, size)
+        except OSError as exc:
+            raise WorkspaceError(f"cannot read {path}: {exc.strerror}") from None
+        if not data:
+            raise WorkspaceError(f"{path} shrank while it was being archived; run the backup again")
+        pieces.append(data)
+        size -= len(data)
+    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+
+class _Owners:
+    """TarInfo headers, with owner names looked up once per id rather than once per file."""
+
+    def __init__(self):
+        self._users: dict[int, str] = {}
+        self._groups: dict[int, str] = {}
+
+    def info(self, arcname: str, st: os.stat_result, kind: bytes) -> tarfile.TarInfo:
+        info = tarfile.TarInfo(arcname)
+        info.type = kind
+        info.mode = stat.S_IMODE(st.st_mode)
+        info.uid, info.gid = st.st_uid, st.st_gid
+        # Whole seconds, as GNU tar keeps them: a fractional mtime costs every member an extra
+        # PAX header, which doubles the headers a restore has to parse.
+        info.mtime = int(st.st_mtime)
+        info.uname = self._name(self._users, st.st_uid, pwd.getpwuid)
+        info.gname = self._name(self._groups, st.st_gid, grp.getgrgid)
+        return info
+
+    @staticmethod
+    def _name(cache: dict, number: int, lookup) -> str:
+        if number not in cache:
+            try:
+                cache[number] = lookup(number)[0]
+            except KeyError:
+                cache[number] = ""
+        return cache[number]
+
+
+def _walk(root: Path) -> Iterator[tuple[os.DirEntry, str]]:
+    """Every entry under root, depth first, by name within a directory; a directory's own
+    entries come together, so extraction rarely changes directory. Links are not followed."""
+    pending = [(os.fspath(root), "", 1)]
+    while pending:
+        path, prefix, depth = pending.pop()
+        try:
+            with os.scandir(path) as listing:
+                entries = sorted(listing, key=lambda e: e.name)
+        except OSError as exc:
+            raise WorkspaceError(f"cannot read {path}: {exc.strerror}") from None
+        if entries and depth > MAX_DEPTH:
+            raise WorkspaceError(
+                f"{entries[0].path} is nested more than {MAX_DEPTH} directories deep, "
+                "which a restore would refuse: move it higher in the workspace"
+            )
+        below = []
+        for entry in entries:
+            arcname = prefix + entry.name
+            yield entry, arcname
+            if entry.is_dir(follow_symlinks=False):
+                below.append((entry.path, arcname + "/", depth + 1))
+        pending.extend(reversed(below))
+
+
+# Reading --------------------------------------------------------------------------------------
+
+_FILE, _DIR, _SYMLINK, _HARDLINK, _DEVICE, _SPARSE, _OTHER = range(7)
+_KINDS = {b"0": _FILE, b"\0": _FILE, b"7": _FILE, b"5": _DIR, b"2": _SYMLINK, b"1": _HARDLINK}
+_KINDS.update({b"3": _DEVICE, b"4": _DEVICE, b"6": _DEVICE, b"S": _SPARSE})
+
+
+class _Member:
+    __slots__ = ("kind", "name", "linkname", "size", "mode", "mtime_ns")
+
+    def __init__(self, kind, name, linkname, size, mode, mtime_ns):
+        self.kind, self.name, self.linkname = kind, name, linkname
+        self.size, self.mode, self.mtime_ns = size, mode, mtime_ns
+
+
+class _Reader:
+    """The stream, front to back, through one CHUNK-sized buffer. `reading` names what a
+    stream that ends too soon ends in the middle of."""
+
+    def __init__(self, stream: BinaryIO):
+        self._stream = stream
+        self._buf = b""
+        self._pos = 0
+        self.offset = 0
+        self.reading: str | bytes = ""
+
+    def _more(self, n: int) -> bytes:
+        data = self._stream.read(n)
+        if not data:
+            if isinstance(self.reading, bytes):
+                raise WorkspaceError(f"the tar stream ends in the middle of member {_show(self.reading)} (truncated)")
+            if self.reading:
+                raise WorkspaceError(f"the tar stream ends in the middle of {self.reading} (truncated)")
+            raise WorkspaceError("the tar stream ends without its end-of-archive marker (truncated)")
+        return data
+
+    def take(self, n: int) -> bytes:
+        end = self._pos + n
+        if end > len(self._buf):
+            pieces = [self._buf[self._pos :]]
+            have = len(pieces[0])
+            while have < n:
+                pieces.append(self._more(max(CHUNK, n - have)))
+                have += len(pieces[-1])
+            self._buf = pieces[1] if len(pieces) == 2 and not pieces[0] else b"".join(pieces)
+            self._pos, end = 0, n
+        data = self._buf[self._pos : end]
+        self._pos = end
+        self.offset += n
+        return data
+
+    def pieces(self, n: int) -> Iterator[memoryview]:
+        while n:
+            if self._pos == len(self._buf):
+                self._buf, self._pos = self._more(CHUNK), 0
+            end = min(len(self._buf), self._pos + n)
+            piece = memoryview(self._buf)[self._pos : end]
+            n -= end - self._pos
+            self.offset += end - self._pos
+            self._pos = end
+            yield piece
+
+    def skip(self, n: int) -> None:
+        self.offset += n
+        while n > len(self._buf) - self._pos:
+            n -= len(self._buf) - self._pos
+            self._buf, self._pos = self._more(CHUNK), 0
+        self._pos += n
+
+    def only_zeros_left(self) -> bool:
+        rest = self._buf[self._pos :]
+        while True:
+            if rest.count(0) != len(rest):
+                return False
+            rest = self._stream.read(CHUNK)
+            if not rest:
+                return True
+
+
+def _members(reader: _Reader) -> Iterator[_Member]:
+    """The members of the tar stream. The consumer may read a member's data with
+    reader.pieces(member.size) before asking for the next; whatever it leaves is skipped."""
+    pax: dict[bytes, bytes] = {}
+    long_name = long_link = None
+    while True:
+        start = reader.offset
+        reader.reading = "a header" if pax or long_name or long_link else ""
+        block = reader.take(BLOCK)
+        if block == _ZERO_BLOCK:
+            if pax or long_name or long_link:
+                raise WorkspaceError("the tar stream ends after an extended header, without its member")
+            if not reader.only_zeros_left():
+                raise WorkspaceError("the tar stream holds data after its end-of-archive marker")
+            return
+        if not _checksum_matches(block):
+            raise WorkspaceError(f"the tar stream is corrupt: bad header checksum at byte {start}")
+        flag = block[156:157]
+        size = _octal(block[124:136], start)
+        if size < 0:
+            raise WorkspaceError(f"the tar stream is corrupt: negative size at byte {start}")
+        if flag in (b"x", b"L", b"K"):
+            if size > MAX_EXTENDED_HEADER:
+                raise UnsafeArchive(f"the tar stream has an extended header of {size} bytes at byte {start}")
+            reader.reading = "an extended header"
+            data = reader.take(size)
+            reader.skip(-size % BLOCK)
+            if flag == b"x":
+                pax.update(_pax_records(data, start))
+            elif flag == b"L":
+                long_name = data.split(b"\0", 1)[0]
+            else:
+                long_link = data.split(b"\0", 1)[0]
+            continue
+        if flag == b"g":
+            raise UnsafeArchive(
+                f"the tar stream has a global PAX header at byte {start}, which this program never writes"
+            )
+        name = pax.get(b"path") or long_name
+        if not name:
+            name = block[0:100].split(b"\0", 1)[0]
+            if block[257:263] == b"ustar\0":
+                prefix = block[345:500].split(b"\0", 1)[0]
+                if prefix:
+                    name = prefix + b"/" + name
+        linkname = pax.get(b"linkpath") or long_link or block[157:257].split(b"\0", 1)[0]
+        kind = _KINDS.get(flag, _OTHER)
+        if kind == _FILE and flag == b"\0" and name.endswith(b"/"):
+            kind = _DIR  # how tars before POSIX stored a directory
+        mtime_ns = _octal(block[136:148], start) * 1_000_000_000
+        if pax:
+            if any(key.startswith(b"GNU.sparse.") for key in pax):
+                kind = _SPARSE
+            if b"size" in pax:
+                size = _decimal(pax[b"size"], start)
+            if b"mtime" in pax:
+                mtime_ns = _pax_time(pax[b"mtime"], start)
+            pax.clear()
+        if not -(2**62) < mtime_ns < 2**62:
+            raise WorkspaceError(f"the tar stream is corrupt: impossible modification time at byte {start}")
+        member = _Member(kind, name, linkname, size, _octal(block[100:108], start) & 0o7777, mtime_ns)
+        long_name = long_link = None
+        data_start = reader.offset
+        reader.reading = name
+        yield member
+        if kind == _FILE:
+            reader.skip(size - (reader.offset - data_start) + (-size % BLOCK))
+
+
+def _checksum_matches(block: bytes) -> bool:
+    try:
+        expected = int(block[148:156].split(b"\0", 1)[0], 8)
+    except ValueError:
+        return False
+    # The checksum field itself counts as eight spaces.
+    return expected == sum(block) - sum(block[148:156]) + 256
+
+
+def _octal(field: bytes, at: int) -> int:
+    if field[0] & 0x80:  # GNU base-256, for numbers octal digits cannot hold
+        number = int.from_bytes(field[1:], "big")
+        return number - 256 ** (len(field) - 1) if field[0] == 0xFF else number
+    try:
+        return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
+    except ValueError:
+        raise WorkspaceError(f"the tar stream is corrupt: a header field is not a number at byte {at}") from None
+
+
+def _decimal(value: bytes, at: int) -> int:
+    if not value.isdigit() or len(value) > 30:
+        raise WorkspaceError(f"the tar stream is corrupt: a PAX number is not a number at byte {at}")
+    return int(value)
+
+
+def _pax_time(value: bytes, at: int) -> int:
+    sign = -1 if value.startswith(b"-") else 1
+    whole, _, fraction = value.lstrip(b"-").partition(b".")
+    if not whole.isdigit() or (fraction and not fraction.isdigit()) or len(whole) > 30:
+        raise WorkspaceError(f"the tar stream is corrupt: a PAX time is not a time at byte {at}")
+    return sign * (int(whole) * 1_000_000_000 + int((fraction[:9] or b"0").ljust(9, b"0")))
+
+
+def _pax_records(data: bytes, at: int) -> dict[bytes, bytes]:
+    records = {}
+    pos = 0
+    while pos < len(data):
+        space = data.find(b" ", pos)
+        length = data[pos:space]
+        end = pos + int(length) if space > pos and length.isdigit() and len(length) < 10 else -1
+        record = data[space + 1 : end]
+        if end <= space + 1 or end > len(data) or not record.endswith(b"\n") or b"=" not in record:
+            raise WorkspaceError(f"the tar stream is corrupt: a PAX header does not parse at byte {at}")
+        key, _, value = record[:-1].partition(b"=")
+        records[key] = value  # an empty value deletes the key: the header field holds then
+        pos = end
+    return records
+
+
+_PRINTABLE = {c: "?" for c in (*range(32), 127)}
+
+
+def _show(name: bytes) -> str:
+    return "'" + name.decode("utf-8", "replace").translate(_PRINTABLE) + "'"
+
+
+# The model of the tree an archive builds -----------------------------------------------------
+
+
+class _Dir(dict):
+    """A directory the archive makes: its entries by name (a _Dir, a _Link, or _REGULAR for a
+    file), its parent, and whether a member of its own named it (or it was implied by a path)."""
+
+    __slots__ = ("parent", "declared")
+
+    def __init__(self, parent):
+        super().__init__()
+        self.parent = parent
+        self.declared = False
+
+
+class _Link:
+    __slots__ = ("parent", "name", "target", "resolved")
+
+    def __init__(self, parent: _Dir, name: bytes, target: bytes):
+        self.parent, self.name, self.target, self.resolved = parent, name, target, None
+
+
+_REGULAR = object()
+_RESOLVING = object()
+
+
+class _Escape(Exception):
+    pass
+
+
+class _Loop(Exception):
+    pass
+
+
+class _Tree:
+    def __init__(self):
+        self.root = _Dir(None)
+        self.links: list[_Link] = []
+        self._parent_key = b""
+        self._parent = self.root
+
+    def admit(self, m: _Member) -> tuple[bytes, bytes, object]:
+        """Refuse the member unless it is plain data that lands inside; record it. Returns its
+        directory (as a path), its name there, and for a hardlink the (directory, name) of its
+        target, or for a directory whether it already existed."""
+        if m.kind == _DEVICE:
+            raise UnsafeArchive(f"member {_show(m.name)} is a device or fifo")
+        if m.kind == _SPARSE:
+            raise UnsafeArchive(f"member {_show(m.name)} is a sparse file, which a restore would fill with zeros")
+        if m.kind == _OTHER:
+            raise UnsafeArchive(f"member {_show(m.name)} has an unsupported type")
+        if m.size and m.kind != _FILE:
+            raise UnsafeArchive(f"member {_show(m.name)} is not a file but carries data")
+        parent_key, base = _split(m.name)
+        if not base and m.kind != _DIR:
+            raise UnsafeArchive(f"member {_show(m.name)} names the workspace itself")
+        parent = self._dir(parent_key, m.name)
+        existing = parent.get(base) if base else self.root
+        extra = None
+        if m.kind == _DIR:
+            if existing is None:
+                existing = parent[base] = _Dir(parent)
+            elif type(existing) is not _Dir or existing.declared:
+                raise UnsafeArchive(f"member {_show(m.name)} appears twice in the archive")
+            else:
+                extra = True
+            existing.declared = True
+            return parent_key, base, extra
+        if existing is not None:
+            if type(existing) is _Dir and not existing.declared:
+                raise UnsafeArchive(f"member {_show(m.name)} has the name of a directory earlier in the archive")
+            raise UnsafeArchive(f"member {_show(m.name)} appears twice in the archive")
+        if m.kind == _SYMLINK:
+            target = m.linkname
+            if target.startswith(b"/"):
+                raise UnsafeArchive(f"symlink {_show(m.name)} points to the absolute path {_show(target)}")
+            if not target or len(target) > MAX_NAME or b"\0" in target:
+                raise UnsafeArchive(f"symlink {_show(m.name)} has an impossible target")
+            link = parent[base] = _Link(parent, m.name, target)
+            self.links.append(link)
+        elif m.kind == _HARDLINK:
+            extra = self._regular_file(m.linkname)
+            if extra is None:
+                raise UnsafeArchive(
+                    f"hardlink {_show(m.name)} points outside the archive: "
+                    f"{_show(m.linkname)} is not a file stored before it"
+                )
+            parent[base] = _REGULAR
+        else:
+            parent[base] = _REGULAR
+        return parent_key, base, extra
+
+    def _dir(self, key: bytes, name: bytes) -> _Dir:
+        """The directory at key, made (implied) where missing; refused through a link or a file."""
+        if key == self._parent_key:
+            return self._parent
+        node = self.root
+        parts = key.split(b"/") if key else []
+        for depth, part in enumerate(parts, 1):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = _Dir(node)
+            elif type(child) is _Link:
+                walked = _show(b"/".join(parts[:depth]))
+                raise UnsafeArchive(f"member {_show(name)} is written through the symlink {walked}")
+            elif type(child) is not _Dir:
+                walked = _show(b"/".join(parts[:depth]))
+                raise UnsafeArchive(f"member {_show(name)} is inside {walked}, which is not a directory")
+            node = child
+        self._parent_key, self._parent = key, node
+        return node
+
+    def _regular_file(self, linkname: bytes) -> tuple[bytes, bytes] | None:
+        """Where the file a hardlink names is, if an earlier member stored it under that name:
+        read literally, no link followed."""
+        if linkname.startswith(b"/"):
+            return None
+        parts = [p for p in linkname.split(b"/") if p and p != b"."]
+        if not parts or b".." in parts:
+            return None
+        node = self.root
+        for part in parts[:-1]:
+            node = node.get(part)
+            if type(node) is not _Dir:
+                return None
+        if node.get(parts[-1]) is not _REGULAR:
+            return None
+        return b"/".join(parts[:-1]), parts[-1]
+
+    def finish(self) -> None:
+        """Refuse the archive if any of its links, in the tree as the archive left it, resolves
+        outside the target or does not resolve at all."""
+        for link in self.links:
+            try:
+                self._resolve(link, 0)
+            except _Escape:
+                problem = "points outside the workspace"
+            except _Loop:
+                problem = f"loops or follows more than {MAX_LINKS} links"
+            else:
+                continue
+            raise UnsafeArchive(f"symlink {_show(link.name)} {problem} ({_show(link.target)[1:-1]})")
+
+    def _resolve(self, link: _Link, depth: int) -> tuple[_Dir, int, int]:
+        """Where the kernel would land following link: (the deepest existing directory, how
+        many names below it that do not exist, links followed). Memoised, so each link is walked
+        once however many others go through it."""
+        if link.resolved is _RESOLVING or depth > MAX_LINKS:
+            raise _Loop
+        if link.resolved is not None:
+            return link.resolved
+        link.resolved = _RESOLVING
+        node, missing, hops = link.parent, 0, 1
+        for part in link.target.split(b"/"):
+            if part in (b"", b"."):
+                continue
+            if part == b"..":
+                if missing:
+                    missing -= 1
+                elif node.parent is None:
+                    raise _Escape
+                else:
+                    node = node.parent
+            elif missing:
+                missing += 1
+            else:
+                child = node.get(part)
+                if type(child) is _Dir:
+                    node = child
+                elif type(child) is _Link:
+                    node, missing, followed = self._resolve(child, depth + 1)
+                    hops += followed
+                    if hops > MAX_LINKS:
+                        raise _Loop
+                else:
+                    # A file or nothing: the kernel stops here, or ends here; only '..' could
+                    # lead anywhere, and it is counted back through these names.
+                    missing = 1
+        link.resolved = (node, missing, hops)
+        return link.resolved
+
+
+def _split(name: bytes) -> tuple[bytes, bytes]:
+    """A member name as (its directory, its own name), '.' and empty components dropped;
+    b'' names the target itself."""
+    if name[:1] == b"/":
+        raise UnsafeArchive(f"member {_show(name)} has an absolute path")
+    parts = name.split(b"/")
+    normal = name
+    if b"" in parts or b"." in parts:
+        parts = [p for p in parts if p and p != b"."]
+        normal = b"/".join(parts)
+    if b".." in parts:
+        raise UnsafeArchive(f"member {_show(name)} contains '..'")
+    if (
+        b"\0" in name
+        or len(normal) > MAX_NAME
+        or (len(normal) > MAX_COMPONENT and max(map(len, parts)) > MAX_COMPONENT)
+    ):
+        raise UnsafeArchive(f"member {_show(name)} has a name no file system can hold")
+    if len(parts) > MAX_DEPTH:
+        raise UnsafeArchive(f"member {_show(name)} is nested more than {MAX_DEPTH} directories deep")
+    parent, _, base = normal.rpartition(b"/")
+    return parent, base
+
+
+# check() and extract() -------------------------------------------------------------------------
+
+
+def check(stream: BinaryIO) -> int:
+    """Read the tar stream to its end and refuse it for anything extract() would refuse; the
+    number of members."""
+    tree = _Tree()
+    count = 0
+    for member in _members(_Reader(stream)):
+        tree.admit(member)
+        count += 1
+    tree.finish()
     return count
 
 
-def extract(stream, target: Path) -> None:
-    """Extract into target, which must not exist yet; members are checked again as they come."""
-    target.mkdir()
-    seen_links: set[str] = set()
-    seen_files: set[str] = set()
+def extract(stream: BinaryIO, target: Path) -> None:
+    """Extract the tar stream into target, which must not exist yet, reading it to its end.
+    Refused members raise as check() would; on any error the caller removes target."""
     try:
-        with _StreamingTar.open(fileobj=stream, mode="r|") as tar:
-            for info in tar:
-                check_member(info, seen_links, seen_files)
-                tar.extract(info, target, set_attrs=True, filter=_plain_data)
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        raise WorkspaceError(f"the workspace archive could not be extracted ({exc})") from None
+        target.mkdir(mode=0o700)
+    except FileExistsError:
+        raise WorkspaceError(f"cannot extract into {target}: it already exists") from None
+    except OSError as exc:
+        raise WorkspaceError(f"cannot create {target}: {exc.strerror}") from None
+    tree = _Tree()
+    reader = _Reader(stream)
+    directories = []  # (path, mode, mtime): set once their contents are in
+    with _attempt(b".", _Dirs, target) as dirs:
+        for member in _members(reader):
+            name = member.name
+            parent, base, extra = tree.admit(member)
+            if member.kind == _FILE:
+                mode = (member.mode & 0o775) | 0o600
+                if member.size <= CHUNK:
+                    data = reader.take(member.size)  # the stream's own errors pass through
+                    _attempt(name, _write_file, dirs, parent, base, data, mode, member.mtime_ns)
+                    continue
+                fd = _attempt(name, _create, dirs, parent, base)
+                try:
+                    for piece in reader.pieces(member.size):
+                        _attempt(name, _write_all, fd, piece)
+                    _attempt(name, _settle, fd, mode, member.mtime_ns)
+                finally:
+                    os.close(fd)
+            elif member.kind == _DIR:
+                if not extra:
+                    _attempt(name, _mkdir, dirs, parent, base)
+                directories.append((parent + b"/" + base if parent else base, member.mode, member.mtime_ns))
+            elif member.kind == _SYMLINK:
+                _attempt(name, _symlink, dirs, parent, base, member)
+            else:
+                _attempt(name, _hardlink, dirs, extra, parent, base)
+        tree.finish()
+        for path, mode, mtime_ns in reversed(directories):
+            _attempt(path, _settle_directory, dirs, path, (mode & 0o775) | 0o700, mtime_ns)
+
+
+def _attempt(name: bytes, action, *args):
+    try:
+        return action(*args)
+    except OSError as exc:
+        raise WorkspaceError(f"could not extract member {_show(name)}: {exc.strerror or exc}") from None
+
+
+def _create(dirs: "_Dirs", parent: bytes, name: bytes) -> int:
+    return os.open(name, _NEW_FILE_FLAGS, 0o600, dir_fd=dirs.open(parent))
+
+
+def _mkdir(dirs: "_Dirs", parent: bytes, name: bytes) -> None:
+    os.mkdir(name, 0o700, dir_fd=dirs.open(parent))
+
+
+def _write_file(dirs: "_Dirs", parent: bytes, name: bytes, data: bytes, mode: int, mtime_ns: int) -> None:
+    fd = _create(dirs, parent, name)
+    try:
+        _write_all(fd, memoryview(data))
+        _settle(fd, mode, mtime_ns)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    while data:
+        data = data[os.write(fd, data) :]
+
+
+def _settle(fd: int, mode: int, mtime_ns: int) -> None:
+    os.fchmod(fd, mode)
+    os.utime(fd, ns=(mtime_ns, mtime_ns))
+
+
+def _settle_directory(dirs: "_Dirs", path: bytes, mode: int, mtime_ns: int) -> None:
+    _settle(dirs.open(path), mode, mtime_ns)
+
+
+def _symlink(dirs: "_Dirs", parent: bytes, name: bytes, member: _Member) -> None:
+    dir_fd = dirs.open(parent)
+    os.symlink(member.linkname, name, dir_fd=dir_fd)
+    os.utime(name, ns=(member.mtime_ns, member.mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
+
+
+def _hardlink(dirs: "_Dirs", source: tuple[bytes, bytes], parent: bytes, name: bytes) -> None:
+    source_fd = dirs.walk(source[0])
+    try:
+        os.link(source[1], name, src_dir_fd=source_fd, dst_dir_fd=dirs.open(parent), follow_symlinks=False)
+    finally:
+        os.close(source_fd)
+
+
+class _Dirs:
+    """Descriptors of the target's directories, reached one name at a time from the target's
+    own without following any link (a link where a directory should be fails with ELOOP or
+    ENOTDIR). The last KEEP stay open: members come mostly directory by directory, so the next
+    directory is usually one of them or just below one."""
+
+    KEEP = 64
+
+    def __init__(self, target: Path):
+        self._root = os.open(target, _DIR_FLAGS)
+        self._open = {b"": self._root}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for fd in self._open.values():
+            os.close(fd)
+
+    def open(self, path: bytes) -> int:
+        """The directory at path (b'' for the target), made where missing. Valid until the
+        next call: it may close the descriptor to keep others."""
+        fd = self._open.get(path)
+        if fd is not None:
+            return fd
+        below = []
+        base = path
+        while fd is None:
+            base, _, name = base.rpartition(b"/")
+            below.append(name)
+            fd = self._open.get(base)
+        for name in reversed(below):
+            fd = _enter(fd, name, make=True)
+            base = base + b"/" + name if base else name
+            if len(self._open) > self.KEEP:
+                oldest = next(key for key in self._open if key)
+                os.close(self._open.pop(oldest))
+            self._open[base] = fd
+        return fd
+
+    def walk(self, path: bytes) -> int:
+        """A descriptor of its own (the caller closes it) of an existing directory."""
+        fd = os.dup(self._root)
+        for name in path.split(b"/") if path else ():
+            try:
+                child = _enter(fd, name, make=False)
+            finally:
+                os.close(fd)
+            fd = child
+        return fd
+
+
+def _enter(dir_fd: int, name: bytes, *, make: bool) -> int:
+    try:
+        return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    except FileNotFoundError:
+        if not make:
+            raise
+    os.mkdir(name, 0o700, dir_fd=dir_fd)
+    return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)

@@ -71,8 +71,10 @@ def backup_verify(
                 uncompressed[name] = reader.uncompressed
         except NotFound:
             raise VerifyFailed(f"{name} is missing") from None
-        except (IntegrityError, workspace.WorkspaceError) as exc:
+        except IntegrityError as exc:
             raise VerifyFailed(str(exc)) from None
+        except workspace.WorkspaceError as exc:
+            raise VerifyFailed(f"{name}: {exc}") from None
         reporter.progress(counter.done, counter.total)
     return VerifyReport(manifest=document, members=members, signature=state, uncompressed=uncompressed)
 
