@@ -290,3 +290,40 @@ def test_a_full_disk_while_writing_the_bundle_removes_it_and_keeps_the_backup(de
         assert Backup.objects.get().status == "succeeded"
     finally:
         subprocess.run(["umount", str(small)], check=True)
+
+
+def test_progress_moves_inside_one_large_file_on_the_terminal_and_in_the_row(demo):
+    import pty
+    import re
+    import sys
+    import time
+
+    from tests.helpers import subprocess_env
+
+    letters = bytes.maketrans(bytes(range(256)), (b"abcdefghijklmnopqrstuvwxyz    \n" * 9)[:256])
+    with open(settings.WORKSPACE_HOST_PATH / "one-large-clone.txt", "wb") as fh:
+        for _ in range(384):
+            fh.write(os.urandom(1 << 20).translate(letters))
+    primary, secondary = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "manage.py", "backup", "--no-prune"],
+        env=subprocess_env(),
+        cwd=settings.BASE_DIR,
+        stdout=subprocess.DEVNULL,
+        stderr=secondary,
+    )
+    os.close(secondary)
+    rows, terminal = set(), b""
+    while proc.poll() is None:
+        rows |= set(Backup.objects.filter(status="running").values_list("progress", flat=True))
+        try:
+            terminal += os.read(primary, 65536)
+        except OSError:
+            break
+        time.sleep(0.05)
+    proc.wait()
+    os.close(primary)
+    assert proc.returncode == 0
+    shown = {int(p) for p in re.findall(rb"\] +(\d+)%", terminal)}
+    assert len({p for p in shown if 0 < p < 100}) >= 3, shown
+    assert len({p for p in rows if 0 < p < 100}) >= 3, rows

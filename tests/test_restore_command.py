@@ -461,3 +461,26 @@ def test_setuid_bits_do_not_survive_extraction(demo):
     with_member(backup, add)
     restore(backup, "--no-safety-backup")
     assert (settings.WORKSPACE_HOST_PATH / "tool.sh").stat().st_mode & 0o7777 == 0o775
+
+
+def chained_links(tar) -> None:
+    """a -> . then b -> a/../outside-victim.txt: lexically inside, really outside (a/.. is the
+    workspace's parent). With a file written through b, this overwrote a file beside the workspace."""
+    link_member("a", ".")(tar)
+    link_member("b", "a/../outside-victim.txt")(tar)
+
+
+def test_a_link_chain_is_refused_by_verify_restore_and_a_bundle_and_touches_nothing_outside(demo):
+    victim = settings.WORKSPACE_HOST_PATH.parent / "outside-victim.txt"
+    victim.write_text("untouched")
+    backup = take_backup()
+    with_member(backup, chained_links)
+    bundle = backup.with_name(f"{backup.name}.tar.gz")
+    with tarfile.open(bundle, "w:gz") as tar:
+        for name in ("manifest.json", dump_name(), "workspace.tar.gz"):
+            tar.add(backup / name, arcname=name)
+    for source in (backup, bundle):
+        with pytest.raises(CommandError, match="symlink 'b' points outside the workspace"):
+            call_command("verify_backup", str(source), stdout=io.StringIO())
+        refused(source, "symlink 'b' points outside the workspace")
+    assert victim.read_text() == "untouched"
