@@ -4,6 +4,9 @@ import pytest
 from django.conf import settings
 from django.core.management import call_command
 
+# OpenPGP keys made by the real gpg at session start, for every test that encrypts.
+from tests.gpgkeys import alice, bob, hand  # noqa: F401
+
 
 def pytest_configure(config):
     # Under CI a PostgreSQL that cannot be reached is a failure, not a quiet fall-back to SQLite.

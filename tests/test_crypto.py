@@ -1,10 +1,6 @@
 """The OpenPGP layer, against the real gpg binary: what it writes, gpg opens by hand, and what gpg
 writes by hand, it opens; a wrong key, an altered file or a killed process never gets through.
-
-Test keys are generated here, at session start, by the real gpg (about a second): what we test
-against is what an operator's gpg makes, and no private key sits in the repository for secret
-scanners to flag.
-"""
+The keys come from tests/gpgkeys.py."""
 
 import io
 import os
@@ -14,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -23,70 +18,11 @@ from django.conf import settings
 from trusca.backups import crypto
 from trusca.backups.crypto import DecryptionKeys, EncryptionError, EncryptionKeys
 
+from .gpgkeys import FIXTURE_AGENTS, gpg, make_key
 from .test_settings import start
 
 PLAIN = secrets.token_bytes(64) * 40_000  # 2.5 MB: several pipe-fulls, gpg buffers and chunks
-FIXTURE_AGENTS: set[int] = set()
 KEY_FILES = ("pubring.kbx", "pubring.kbx~", "trustdb.gpg", "private-keys-v1.d", "random_seed")
-
-
-@dataclass(frozen=True)
-class Key:
-    public: str
-    secret: str
-    passphrase: str
-    fingerprint: str
-
-    def opens(self, passphrase: str | None = None) -> DecryptionKeys:
-        return DecryptionKeys(secret_key=self.secret, key_passphrase=self.passphrase, passphrase=passphrase)
-
-
-def gpg(home, *args: str, stdin: bytes = b"") -> subprocess.CompletedProcess:
-    result = subprocess.run(home.gpg(*args), input=stdin, capture_output=True, env=crypto._ENV)
-    assert result.returncode == 0, result.stderr.decode()
-    return result
-
-
-@pytest.fixture(scope="session")
-def hand():
-    """A gpg home as an operator has one: the real gpg, with an agent of ours that dies with us."""
-    home = crypto._Home()
-    home.start_agent()
-    FIXTURE_AGENTS.add(home.agent.pid)
-    yield home
-    home.close()
-
-
-def make_key(hand, name: str, passphrase: str, *, expires: str = "never", at: str | None = None) -> Key:
-    uid = f"{name} <{name}@example.org>"
-    clock = ["--faked-system-time", at] if at else []
-    loopback = ["--pinentry-mode", "loopback", "--passphrase-fd", "0"]
-    gpg(
-        hand,
-        *clock,
-        *loopback,
-        "--quick-gen-key",
-        uid,
-        "future-default",
-        "default",
-        expires,
-        stdin=b"%s\n" % passphrase.encode(),
-    )
-    listing = gpg(hand, "--with-colons", "--list-keys", uid).stdout.decode()
-    fingerprint = next(line.split(":")[9] for line in listing.splitlines() if line.startswith("fpr:"))
-    public = gpg(hand, "--armor", "--export", fingerprint).stdout.decode()
-    secret = gpg(hand, *loopback, "--armor", "--export-secret-keys", fingerprint, stdin=passphrase.encode()).stdout
-    return Key(public, secret.decode(), passphrase, fingerprint)
-
-
-@pytest.fixture(scope="session")
-def alice(hand):
-    return make_key(hand, "alice", "alice-" + secrets.token_hex(8))
-
-
-@pytest.fixture(scope="session")
-def bob(hand):
-    return make_key(hand, "bob", "bob-" + secrets.token_hex(8))
 
 
 def encrypt(keys: EncryptionKeys, data: bytes = PLAIN, step: int = 99_991) -> bytes:

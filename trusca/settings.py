@@ -103,6 +103,9 @@ BACKUP_SIGNING_OLD_KEYS = envstr("BACKUP_SIGNING_OLD_KEYS")
 # (one or several), or both, in which case either opens them.
 BACKUP_ENCRYPTION_PASSPHRASE = envstr("BACKUP_ENCRYPTION_PASSPHRASE")
 BACKUP_ENCRYPTION_RECIPIENTS = envstr("BACKUP_ENCRYPTION_RECIPIENTS")
+# The passphrase of the private key given to a restore with --decryption-key, for automation;
+# otherwise it is asked for on the terminal. Never on a command line.
+BACKUP_DECRYPTION_KEY_PASSPHRASE = envstr("BACKUP_DECRYPTION_KEY_PASSPHRASE")
 
 try:
     DATABASES = {

@@ -2,10 +2,13 @@
 journal, partial files), and prints one line with the right exit code for an interruption or an
 unreachable service, never a traceback for what an operator can fix."""
 
+import getpass
 import logging
 import sys
+from pathlib import Path
 
 import redis
+from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, OutputWrapper
 from django.db import DatabaseError as DjangoDatabaseError
 
@@ -42,3 +45,29 @@ class OperationCommand(BaseCommand):
         except DjangoDatabaseError as exc:
             first = str(exc).strip().split("\n")[0]
             raise CommandError(f"the database (DATABASE_URL) cannot be used: {first}. Nothing was changed.") from None
+
+
+def add_decryption_options(parser) -> None:
+    parser.add_argument(
+        "--decryption-key",
+        metavar="FILE",
+        help=(
+            "an armored OpenPGP private key that opens a backup encrypted to BACKUP_ENCRYPTION_RECIPIENTS; its "
+            "passphrase comes from BACKUP_DECRYPTION_KEY_PASSPHRASE(_FILE) or is asked for on the terminal"
+        ),
+    )
+
+
+def decryption_keys(options):
+    """The keys for this run: the installation's passphrase, plus the private key given."""
+    path = options.get("decryption_key")
+    if not path:
+        return operations.decryption_keys()
+    try:
+        secret_key = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CommandError(f"--decryption-key {path} cannot be read ({exc}). Nothing was changed.") from None
+    key_passphrase = settings.BACKUP_DECRYPTION_KEY_PASSPHRASE or None
+    if key_passphrase is None and sys.stdin.isatty():
+        key_passphrase = getpass.getpass(f"Passphrase of the private key in {path} (empty if none): ") or None
+    return operations.decryption_keys(secret_key=secret_key, key_passphrase=key_passphrase)

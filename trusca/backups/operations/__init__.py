@@ -28,7 +28,7 @@ from trusca.backups.operations.restore import (
     restore_run,
     restore_status,
 )
-from trusca.backups.operations.sources import Source, SourceError, open_source
+from trusca.backups.operations.sources import Source, SourceError, decryption_keys, open_source
 from trusca.backups.operations.sweep import sweep
 from trusca.backups.operations.verify import Untrusted, VerifyFailed, VerifyReport, backup_sign, backup_verify
 
@@ -56,6 +56,7 @@ __all__ = [
     "backup_sign",
     "backup_verify",
     "catalog_sync",
+    "decryption_keys",
     "get_backup",
     "open_source",
     "restore_prepare",

@@ -11,7 +11,7 @@ from django.conf import settings
 from django.utils import timezone
 
 import trusca
-from trusca.backups import bundle, database, locks, manifest, store, workspace
+from trusca.backups import bundle, crypto, database, locks, manifest, store, workspace
 from trusca.backups.errors import Interrupted, OperationFailed
 from trusca.backups.models import Backup
 from trusca.backups.naming import format_name
@@ -155,7 +155,9 @@ def _run_backup(row: Backup, run: Run, *, reporter: Reporter) -> BackupOutcome:
         db_size = database.size()
         counter = Counter(db_size + (workspace.measure(ws_root) if ws_root.is_dir() else 0))
         applied = manifest.applied_migrations()
-        dump_name = manifest.DUMP_FILES[database.engine()]
+        keys = crypto.EncryptionKeys.from_settings()
+        suffix = manifest.ENCRYPTED_SUFFIX if keys else ""
+        dump_name = manifest.DUMP_FILES[database.engine()] + suffix
 
         def beat() -> None:
             run.heartbeat()
@@ -163,7 +165,9 @@ def _run_backup(row: Backup, run: Run, *, reporter: Reporter) -> BackupOutcome:
             reporter.progress(counter.done, counter.total)
 
         def write(member: str, produce) -> manifest.FileEntry:
-            with MemberWriter(local.open_write(name, member), checkpoint=run.checkpoint) as out:
+            with MemberWriter(
+                local.open_write(name, member), name=member, encrypt=keys, checkpoint=run.checkpoint
+            ) as out:
                 produce(out, progress=counter.add)
             return out.entry
 
@@ -172,7 +176,7 @@ def _run_backup(row: Backup, run: Run, *, reporter: Reporter) -> BackupOutcome:
             dumper = Background(run, write, dump_name, database.dump)
             try:
                 archived = write(
-                    manifest.WORKSPACE_ARCHIVE,
+                    manifest.WORKSPACE_ARCHIVE + suffix,
                     lambda out, progress: workspace.archive(ws_root, out, progress=progress),
                 )
             except Cancelled:
@@ -191,7 +195,8 @@ def _run_backup(row: Backup, run: Run, *, reporter: Reporter) -> BackupOutcome:
             db_size=db_size,
             workspace_path=str(ws_root),
             app_version=trusca.__version__,
-            files={dump_name: dumper.result, manifest.WORKSPACE_ARCHIVE: archived},
+            files={dump_name: dumper.result, manifest.WORKSPACE_ARCHIVE + suffix: archived},
+            encryption=keys.describe() if keys else None,
         ).signed()
         data = document.to_json()
         local.publish(name, data)

@@ -19,7 +19,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -29,7 +29,7 @@ from django.core.cache import cache
 from django.db import connection, transaction
 from django.utils import timezone
 
-from trusca.backups import database, locks, maintenance, manifest, store, workspace
+from trusca.backups import crypto, database, locks, maintenance, manifest, store, workspace
 from trusca.backups.errors import Interrupted, OperationFailed
 from trusca.backups.models import Backup
 from trusca.backups.operations.backup import safety_backup
@@ -45,7 +45,7 @@ from trusca.backups.operations.lifecycle import (
     shielded,
     ticking,
 )
-from trusca.backups.operations.sources import Source, SourceError, open_source
+from trusca.backups.operations.sources import Source, SourceError, decryption_keys, open_source
 from trusca.backups.operations.verify import VerifyFailed, backup_verify
 from trusca.backups.progress import Counter, Reporter
 from trusca.backups.streams import IntegrityError, MemberReader
@@ -75,6 +75,7 @@ class RestorePlan:
     behind: list[str]
     workspace_path: Path
     members: int
+    keys: crypto.DecryptionKeys | None = field(default=None, repr=False)
 
     @property
     def taken_at(self) -> datetime:
@@ -97,19 +98,35 @@ class RestoreOutcome:
 
 
 @contextlib.contextmanager
-def restore_prepare(*, source: str, trust_unsigned: bool = False, safety_backup: bool = True) -> Iterator[RestorePlan]:
-    """Preflight, touching nothing live. Yields the plan to show the operator."""
+def restore_prepare(
+    *,
+    source: str,
+    keys: crypto.DecryptionKeys | None = None,
+    trust_unsigned: bool = False,
+    safety_backup: bool = True,
+) -> Iterator[RestorePlan]:
+    """Preflight, touching nothing live. Yields the plan to show the operator. ``keys`` open an
+    encrypted backup (by default the installation's BACKUP_ENCRYPTION_PASSPHRASE)."""
+    keys = keys or decryption_keys()
     with contextlib.ExitStack() as stack:
         try:
-            src = stack.enter_context(open_source(source))
-            plan = _preflight(src, trust_unsigned=trust_unsigned, safety_backup=safety_backup)
-        except (VerifyFailed, SourceError) as exc:
+            src = stack.enter_context(open_source(source, keys=keys))
+            plan = _preflight(src, keys=keys, trust_unsigned=trust_unsigned, safety_backup=safety_backup)
+        except (VerifyFailed, SourceError, crypto.EncryptionError) as exc:
             raise RestoreRefused(f"{exc}. Nothing was changed.") from None
         yield plan
 
 
-def _preflight(src: Source, *, trust_unsigned: bool, safety_backup: bool) -> RestorePlan:
-    report = backup_verify(src, trust_unsigned=trust_unsigned)
+def _preflight(
+    src: Source, *, keys: crypto.DecryptionKeys | None, trust_unsigned: bool, safety_backup: bool
+) -> RestorePlan:
+    report = backup_verify(src, keys=keys, trust_unsigned=trust_unsigned)
+    if report.unchecked:
+        raise RestoreRefused(
+            f"this backup is encrypted ({', '.join(report.unchecked)}) and no key given opens it: set "
+            "BACKUP_ENCRYPTION_PASSPHRASE to the passphrase it was made with, or give the private key "
+            "(--decryption-key). Nothing was changed."
+        )
     document = report.manifest
     if document.engine != database.engine():
         raise RestoreRefused(
@@ -132,6 +149,7 @@ def _preflight(src: Source, *, trust_unsigned: bool, safety_backup: bool) -> Res
         behind=behind,
         workspace_path=settings.WORKSPACE_HOST_PATH,
         members=report.members,
+        keys=keys,
     )
 
 
@@ -345,9 +363,8 @@ def _load(plan: RestorePlan, run: Run, journal: Journal, status: "_Status", repo
     free = shutil.disk_usage(journal.live.parent).free
 
     def reader(member: str) -> MemberReader:
-        raw = src.store.open_read(src.name, member)
         entry = document.files[member]
-        return MemberReader(raw, member, entry, progress=counter.add, limit=free, checkpoint=run.checkpoint)
+        return src.reader(member, entry, keys=plan.keys, progress=counter.add, limit=free, checkpoint=run.checkpoint)
 
     def stage() -> None:
         with reader(document.workspace) as archive:
@@ -376,7 +393,8 @@ def _load(plan: RestorePlan, run: Run, journal: Journal, status: "_Status", repo
             if staging is not None:
                 run.cancel("the database load stopped", cause=exc)  # the staging thread stops too
                 staging.join(reraise=False)
-            if not isinstance(exc, Cancelled | IntegrityError | workspace.WorkspaceError | OSError) and not (
+            recoverable = Cancelled | IntegrityError | workspace.WorkspaceError | OSError | crypto.EncryptionError
+            if not isinstance(exc, recoverable) and not (
                 isinstance(exc, database.DatabaseError) and not isinstance(exc, database.TransactionEndedEarly)
             ):
                 raise

@@ -6,7 +6,7 @@ from django.utils import timezone
 from django.utils.timesince import timesince
 
 from trusca.backups import locks, operations
-from trusca.backups.management.base import OperationCommand
+from trusca.backups.management.base import OperationCommand, add_decryption_options, decryption_keys
 from trusca.backups.terminal import LiveLine, display_path
 
 
@@ -46,6 +46,7 @@ class Command(OperationCommand):
                 "portal's database rights: only for a backup whose origin you know)"
             ),
         )
+        add_decryption_options(parser)
         parser.add_argument(
             "--resume",
             action="store_true",
@@ -60,7 +61,10 @@ class Command(OperationCommand):
             raise CommandError("name the backup to restore: manage.py restore SOURCE (see --help)")
         try:
             with operations.restore_prepare(
-                source=source, trust_unsigned=trust_unsigned, safety_backup=not no_safety_backup
+                source=source,
+                keys=decryption_keys(options),
+                trust_unsigned=trust_unsigned,
+                safety_backup=not no_safety_backup,
             ) as plan:
                 self.stdout.write("✓ preflight: manifest, signature, checksums, archives and every workspace member")
                 self._describe(plan)

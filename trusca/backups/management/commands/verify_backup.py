@@ -3,7 +3,7 @@ import getpass
 from django.core.management.base import CommandError
 
 from trusca.backups import operations
-from trusca.backups.management.base import OperationCommand
+from trusca.backups.management.base import OperationCommand, add_decryption_options, decryption_keys
 
 
 class Command(OperationCommand):
@@ -17,7 +17,7 @@ class Command(OperationCommand):
     action = "Verify"
 
     def add_arguments(self, parser):
-        parser.add_argument("source", help="backup directory, bundle file, or backup name")
+        parser.add_argument("source", help="backup directory, bundle file (.tar.gz or .tar.gz.gpg), or backup name")
         parser.add_argument(
             "--trust-unsigned",
             action="store_true",
@@ -32,19 +32,28 @@ class Command(OperationCommand):
             ),
         )
 
+        add_decryption_options(parser)
+
     def handle(self, *args, source, trust_unsigned, sign, **options):
+        keys = decryption_keys(options)
         try:
-            with operations.open_source(source) as src:
+            with operations.open_source(source, keys=keys) as src:
                 if sign:
-                    report = operations.backup_sign(src, actor=f"cli:{getpass.getuser()}")
+                    report = operations.backup_sign(src, actor=f"cli:{getpass.getuser()}", keys=keys)
                 else:
-                    report = operations.backup_verify(src, trust_unsigned=trust_unsigned)
+                    report = operations.backup_verify(src, keys=keys, trust_unsigned=trust_unsigned)
         except operations.OperationFailed as exc:
             raise CommandError(f"{source} is not a good backup: {exc}") from None
         document = report.manifest
         for name, entry in document.files.items():
-            self.stdout.write(f"✓ {name}: {entry.size} bytes, sha256 matches, gzip stream intact")
-        if document.workspace:
+            if name in report.unchecked:
+                self.stdout.write(
+                    f"! {name}: encrypted; {'ciphertext sha256 matches, ' if name.endswith('.gpg') else ''}"
+                    "its content is checked only with the key that opens it"
+                )
+            else:
+                self.stdout.write(f"✓ {name}: {entry.size} bytes, sha256 matches, gzip stream intact")
+        if document.workspace and document.workspace not in report.unchecked:
             self.stdout.write(f"✓ {document.workspace} lists {report.members} members, all safe to extract")
         self.stdout.write(
             f"✓ manifest: {document.kind} backup of {document.timestamp.isoformat()}, "
