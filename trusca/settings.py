@@ -80,6 +80,8 @@ BACKUP_RETENTION_DAYS = envint("BACKUP_RETENTION_DAYS", "7", minimum=1)
 # BACKUP_STALE_SECONDS is taken for dead, its lock freed and its row marked failed.
 BACKUP_HEARTBEAT_SECONDS = envint("BACKUP_HEARTBEAT_SECONDS", "10", minimum=1)
 BACKUP_STALE_SECONDS = envint("BACKUP_STALE_SECONDS", "180", minimum=2)
+# A pg_dump or psql that makes no progress for this long is killed and its run fails.
+BACKUP_STALL_SECONDS = envint("BACKUP_STALL_SECONDS", "300", minimum=1)
 
 try:
     DATABASES = {

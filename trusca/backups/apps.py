@@ -14,6 +14,11 @@ class BackupsConfig(AppConfig):
         checks.register(check_paths, "backups")
         checks.register(check_tools, "backups")
 
+        from trusca.backups import database
+
+        checks.register(database.check_restricted_psql, "backups")
+        checks.register(database.check_database_role, "backups", checks.Tags.database)
+
 
 def check_paths(app_configs=None, **kwargs):
     from django.conf import settings

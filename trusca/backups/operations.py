@@ -3,6 +3,7 @@ these functions and nothing else: no workflow is written twice."""
 
 import logging
 import os
+import secrets
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -149,7 +150,7 @@ def _run_backup(
 
         with Ticker(_in_thread(beat), interval=PROGRESS_INTERVAL):
             # The database and the workspace are compressed at the same time, one per core.
-            dumper = _Background(database.dump, staging / dump_name, progress=counter.add)
+            dumper = _Background(_dump_to, staging / dump_name, progress=counter.add)
             try:
                 archived = workspace.archive(ws_root, staging / manifest.WORKSPACE_ARCHIVE, progress=counter.add)
             finally:
@@ -202,6 +203,12 @@ def _run_backup(
     if prune:
         outcome.pruned = backup_prune()
     return outcome
+
+
+def _dump_to(path: Path, *, progress) -> dict:
+    with gz.GzipFileWriter(path) as out:
+        database.dump(out, progress=progress)
+    return out.raw.entry()
 
 
 def _in_thread(fn):
@@ -552,13 +559,23 @@ def _replace_state(plan: RestorePlan, lock: locks.OperationLock, status, reporte
                 extraction.join()
                 reporter.step("workspace extracted into staging")
 
+        path, expected = plan.directory / plan.dump, plan.manifest["files"][plan.dump]
+        reader = gz.HashingReader(path, progress=counter.add)
+
+        def checked_and_staged() -> None:
+            if reader.entry() != expected:
+                raise database.DatabaseError(f"{path.name} changed while it was being restored (checksum mismatch)")
+            workspace_staged()
+
         try:
-            database.restore(
-                plan.directory / plan.dump,
-                expected=plan.manifest["files"][plan.dump],
-                progress=counter.add,
-                before_commit=workspace_staged,
-            )
+            with gz.open_read(reader) as source:
+                database.restore(source, marker=secrets.token_hex(16), before_commit=checked_and_staged)
+            database.forget_markers()
+        except database.TransactionEndedEarly as exc:
+            if extraction is not None:
+                extraction.join(reraise=False)
+            storage.discard(staging)
+            raise OperationFailed(f"restoring the database failed: {exc}. The workspace is unchanged.") from None
         except (workspace.WorkspaceError, OSError, database.DatabaseError) as exc:
             if extraction is not None:
                 extraction.join(reraise=False)
