@@ -2,10 +2,12 @@
 is killed.
 
 Each child leads a process group of its own, so that a terminal's Ctrl-C reaches only us (we
-decide how the child ends) and killing the group also ends whatever the child started. The
-kernel sends it SIGKILL when the thread that started it dies (PR_SET_PDEATHSIG): a SIGKILLed
-backup leaves no pg_dump behind. That thread must therefore wait for the child, as every caller
-here does.
+decide how the child ends) and killing the group also ends whatever the child started. A group,
+not a session: the kernel's autogroup scheduler shares the CPU out between sessions, and a
+pg_dump of 0.9 GB into gz took 18.4 s in a session of its own against 10.9 s in a group of its
+own (medians of 6, two busy cores). The kernel sends it SIGKILL when the thread that started
+it dies (PR_SET_PDEATHSIG): a SIGKILLed backup leaves no pg_dump behind. That thread must
+therefore wait for the child, as every caller here does.
 """
 
 import contextlib
@@ -31,7 +33,7 @@ def spawn(argv: list[str], **popen_kwargs) -> subprocess.Popen:
         if os.getppid() != parent:  # we died before the prctl took hold: no signal will come
             os._exit(1)
 
-    return subprocess.Popen(argv, start_new_session=True, preexec_fn=die_with_parent, **popen_kwargs)
+    return subprocess.Popen(argv, process_group=0, preexec_fn=die_with_parent, **popen_kwargs)
 
 
 def kill(proc: subprocess.Popen) -> None:
