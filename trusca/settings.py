@@ -106,6 +106,8 @@ BACKUP_ENCRYPTION_RECIPIENTS = envstr("BACKUP_ENCRYPTION_RECIPIENTS")
 # The passphrase of the private key given to a restore with --decryption-key, for automation;
 # otherwise it is asked for on the terminal. Never on a command line.
 BACKUP_DECRYPTION_KEY_PASSPHRASE = envstr("BACKUP_DECRYPTION_KEY_PASSPHRASE")
+# A pg_dump or psql that makes no progress for this long is killed and its run fails.
+BACKUP_STALL_SECONDS = envint("BACKUP_STALL_SECONDS", "300", minimum=1)
 
 try:
     DATABASES = {

@@ -17,6 +17,11 @@ class BackupsConfig(AppConfig):
         checks.register(check_tools, "backups")
         checks.register(check_encryption, "backups")
 
+        from trusca.backups import database
+
+        checks.register(database.check_restricted_psql, "backups")
+        checks.register(database.check_database_role, "backups", checks.Tags.database)
+
 
 def check_paths(app_configs=None, **kwargs):
     from django.conf import settings
