@@ -408,11 +408,13 @@ def test_a_running_backup_cannot_be_deleted(su_client):
 
 
 @pytest.fixture
-def broker_down():
-    """The real Celery app, pointed at a port where no broker listens."""
+def broker_down(monkeypatch):
+    """The real Celery app, pointed at a port where no broker listens (Celery prefers the
+    environment's CELERY_BROKER_URL to its configuration, so both change)."""
     from trusca.celery import app
 
     def repoint(url):
+        monkeypatch.setenv("CELERY_BROKER_URL", url)
         app.conf.broker_url = url
         app._pool = None
         app.amqp._producer_pool = None

@@ -203,7 +203,7 @@ def test_a_manifest_of_another_shape_is_one_clear_error(demo):
     ("make", "fault"),
     [
         (lambda tmp: tmp / "empty.tar.gz", "is an empty file, not a backup bundle"),
-        (lambda tmp: tmp / "garbage.tar.gz", "the bundle does not read as a .tar.gz"),
+        (lambda tmp: tmp / "garbage.tar.gz", "is not a gzip file"),
         (lambda tmp: tmp / "emptydir", "manifest.json is missing"),
         (lambda tmp: Path("/dev/null"), "neither a backup directory nor a bundle file"),
     ],

@@ -43,6 +43,8 @@ class Source:
         try:
             self.store.open_read(self.name, member).close()
         except NotFound:
+            # Encrypted by hand if the .gpg is there; missing (NotFound) if not.
+            self.store.open_read(self.name, member + manifest.ENCRYPTED_SUFFIX).close()
             return True
         return False
 
