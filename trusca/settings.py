@@ -80,6 +80,11 @@ BACKUP_RETENTION_DAYS = envint("BACKUP_RETENTION_DAYS", "7", minimum=1)
 # BACKUP_STALE_SECONDS is taken for dead, its lock freed and its row marked failed.
 BACKUP_HEARTBEAT_SECONDS = envint("BACKUP_HEARTBEAT_SECONDS", "10", minimum=1)
 BACKUP_STALE_SECONDS = envint("BACKUP_STALE_SECONDS", "180", minimum=2)
+# Signs every manifest (which holds every file's sha256): a restore trusts only backups signed
+# with it. Unset, one is generated once into VAR_DIR/backup_signing_key. Keys used before a
+# rotation stay usable for checking, comma- or line-separated.
+BACKUP_SIGNING_KEY = envstr("BACKUP_SIGNING_KEY")
+BACKUP_SIGNING_OLD_KEYS = envstr("BACKUP_SIGNING_OLD_KEYS")
 
 try:
     DATABASES = {
