@@ -6,6 +6,7 @@ manifest is written and everything is on disk (fsync), so anything listed under 
 whole, and a crash leaves only a dot-name that the next sweep removes.
 """
 
+import builtins
 import os
 import re
 import shutil
@@ -147,7 +148,7 @@ class LocalStore(Store):
 
     # Local only.
 
-    def partial_names(self) -> list[str]:
+    def partial_names(self) -> builtins.list[str]:
         """Names of the hidden work-in-progress entries (``.partial-…``)."""
         try:
             return [e.name[len(STAGING_PREFIX) :] for e in os.scandir(self.root) if e.name.startswith(STAGING_PREFIX)]
