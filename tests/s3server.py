@@ -16,6 +16,7 @@ developer's ~/.aws, never the instance metadata service), and empties the bucket
 ``S3Server.env()`` is the same environment for a child process (manage.py, a worker).
 """
 
+import dataclasses
 import json
 import os
 import socket
@@ -23,7 +24,6 @@ import sys
 import time
 import urllib.request
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import boto3
@@ -42,7 +42,7 @@ _ALLOW_LISTING_ONLY = {
 }
 
 
-@dataclass
+@dataclasses.dataclass
 class Credentials:
     access_key: str
     secret_key: str
@@ -51,7 +51,7 @@ class Credentials:
         return {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key}
 
 
-@dataclass
+@dataclasses.dataclass
 class S3Server:
     endpoint_url: str
     portal: Credentials  # allowed s3:* on everything
@@ -166,7 +166,7 @@ def s3_server(tmp_path_factory):
 def s3(s3_server, settings, monkeypatch):
     bucket = f"trusca-test-{uuid.uuid4().hex[:12]}"
     s3_server.client().create_bucket(Bucket=bucket)
-    server = S3Server(**{**s3_server.__dict__, "bucket": bucket})
+    server = dataclasses.replace(s3_server, bucket=bucket)
     for key, value in server.env().items():
         monkeypatch.setenv(key, value)
     settings.BACKUP_S3_BUCKET = bucket

@@ -72,7 +72,7 @@ def manifest_bytes(files: dict[str, bytes], *, when: datetime = datetime(2026, 1
 
 
 def backup(store: S3Store, name: str = NAME, files: dict[str, bytes] | None = None) -> dict[str, bytes]:
-    files = files if files is not None else {DUMP: DATA[: 6 * MiB], ARCHIVE: b"workspace bytes"}
+    files = files if files is not None else {DUMP: DATA[: 2 * MiB], ARCHIVE: b"workspace bytes"}
     for member, data in files.items():
         write(store, name, member, data)
     store.publish(name, manifest_bytes(files, when=parse_name(name).timestamp))
@@ -102,7 +102,9 @@ def test_a_member_of_several_parts_round_trips_with_its_parts_in_flight_together
     seen = []
 
     def part_sent(request, **_):
-        seen.append((request.headers["x-amz-checksum-sha256"], hashlib.sha256(request.body).digest()))
+        body = request.body.read()
+        request.body.seek(0)
+        seen.append((request.headers["x-amz-checksum-sha256"], hashlib.sha256(body).digest()))
         if len(seen) <= 2:  # the first two parts must be on the wire at the same time
             with contextlib.suppress(threading.BrokenBarrierError):
                 together.wait()
@@ -121,7 +123,7 @@ def test_a_member_of_several_parts_round_trips_with_its_parts_in_flight_together
 
 def test_every_object_carries_the_storage_class_and_the_files_sha256(s3):
     store = small_parts()
-    files = backup(store)
+    files = backup(store, files={DUMP: DATA[: 6 * MiB], ARCHIVE: b"workspace bytes"})  # a multipart, a PUT
     listed = keys(s3, f"backups/{NAME}/")
     assert sorted(listed) == [f"backups/{NAME}/{m}" for m in (MANIFEST, DUMP, ARCHIVE)]
     assert {o["StorageClass"] for o in listed.values()} == {"STANDARD_IA"}
@@ -160,7 +162,7 @@ def test_the_prefix_holds_every_key_and_another_prefix_sees_nothing(s3, settings
     ],
 )
 def test_a_damaged_object_is_refused_at_the_end_of_the_file(s3, damage):
-    store = small_parts()
+    store = small_parts(read_chunk=MiB)
     files = backup(store)
     key = f"backups/{NAME}/{DUMP}"
     damaged = damage(files[DUMP])
@@ -176,7 +178,7 @@ def test_a_damaged_object_is_refused_at_the_end_of_the_file(s3, damage):
 
 def test_an_object_replaced_while_being_read_is_refused(s3):
     store = small_parts(read_chunk=MiB)
-    files = backup(store)
+    files = backup(store, files={DUMP: DATA[: 6 * MiB]})  # more chunks than are fetched ahead
     with store.open_read(NAME, DUMP) as stream:
         assert stream.read(MiB) == files[DUMP][:MiB]
         s3.client().put_object(Bucket=s3.bucket, Key=f"backups/{NAME}/{DUMP}", Body=b"x" * len(files[DUMP]))
