@@ -184,6 +184,8 @@ def test_an_object_replaced_while_being_read_is_refused(s3):
         s3.client().put_object(Bucket=s3.bucket, Key=f"backups/{NAME}/{DUMP}", Body=b"x" * len(files[DUMP]))
         with pytest.raises(OffsiteCorrupt, match="replaced in the bucket while being read"):
             stream.read()
+        with pytest.raises(OffsiteCorrupt):
+            stream.read()  # never the bytes after the gap
 
 
 def test_a_copy_made_by_hand_without_our_metadata_is_listed_and_read(s3):

@@ -684,6 +684,7 @@ class _RangedReader(io.RawIOBase):
         self._chunk: bytearray | None = None
         self._current = memoryview(b"")
         self._position = 0  # in _current
+        self._failure: BaseException | None = None
         self._pool = ThreadPoolExecutor(max_workers=READ_AHEAD, thread_name_prefix="trusca-s3-get")
         for _ in range(READ_AHEAD):
             self._schedule()
@@ -724,11 +725,17 @@ class _RangedReader(io.RawIOBase):
         raise AssertionError("unreachable")
 
     def readinto(self, buffer) -> int:
+        if self._failure is not None:
+            raise self._failure  # a caller that reads on after an error gets no bytes from past a gap
         while self._position >= len(self._current):
-            self._next_chunk()
-            if self._chunk is None:
-                self._finish()
-                return 0
+            try:
+                self._next_chunk()
+                if self._chunk is None:
+                    self._finish()
+                    return 0
+            except OperationFailed as exc:
+                self._failure = exc
+                raise
         count = min(len(buffer), len(self._current) - self._position)
         buffer[:count] = self._current[self._position : self._position + count]
         self._position += count
@@ -755,7 +762,6 @@ class _RangedReader(io.RawIOBase):
         self._received += length
 
     def _finish(self) -> None:
-        # Every read at the end says it again: a caller that reads past an error gets no quiet EOF.
         if self._received != self._size:
             raise OffsiteCorrupt(f"{self._doing}: {self._received} bytes came back, not {self._size}")
         if self._expected is not None and self._hash.hexdigest() != self._expected:
