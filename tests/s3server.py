@@ -5,10 +5,10 @@ without the right policy AccessDenied).
 
 Use it from a test module::
 
-    from tests.s3server import s3, s3_server  # noqa: F401  (pytest fixtures)
+    pytest_plugins = ["tests.s3server"]
 
     def test_it_copies(s3):  # s3.bucket is new and empty; settings and AWS_* env point at it
-        store = S3Store.from_settings()
+        store = trusca.backups.store.s3.configured()
 
 ``s3_server`` (session) starts the server once; ``s3`` (function) gives each test a bucket of its
 own, sets BACKUP_S3_* settings and the AWS_* environment for boto3's credential chain (never a
@@ -79,6 +79,12 @@ class S3Server:
             "BACKUP_S3_ENDPOINT_URL": self.endpoint_url,
             "BACKUP_S3_REGION": REGION,
         }
+
+    @staticmethod
+    def unreachable_url() -> str:
+        """An endpoint that refuses connections at once (a loopback port nobody listens on): the
+        endpoint "down" of a test; set BACKUP_S3_ENDPOINT_URL back to ``endpoint_url`` for "up"."""
+        return f"http://127.0.0.1:{_free_port()}"
 
     def empty(self, bucket: str) -> None:
         client = self.client()

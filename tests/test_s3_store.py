@@ -423,10 +423,8 @@ def test_a_missing_bucket_is_named_whatever_the_call(s3, settings, call):
 
 
 def test_an_endpoint_that_refuses_connections_fails_within_seconds(s3, settings):
-    with socket.socket() as closed:
-        closed.bind(("127.0.0.1", 0))
-        settings.BACKUP_S3_ENDPOINT_URL = f"http://127.0.0.1:{closed.getsockname()[1]}"
-        exc, seconds = failure(lambda: small_parts().list())
+    settings.BACKUP_S3_ENDPOINT_URL = s3.unreachable_url()
+    exc, seconds = failure(lambda: small_parts().list())
     assert str(exc) == (
         f"S3 at {settings.BACKUP_S3_ENDPOINT_URL} could not be reached while listing the backups "
         "(Connection refused): check the network and BACKUP_S3_ENDPOINT_URL"
