@@ -58,8 +58,8 @@ log = logging.getLogger("trusca.backups")
 MiB = 1024 * 1024
 # S3's smallest part, so that the memory allowed holds more parts in flight: measured on loopback
 # (256 MiB, three rounds), 6 parts of 5 MiB went 30-35 MiB/s where 4 of 8 MiB went 25-28 and 8 of
-# 8 MiB 31-37. Parts grow (doubling every 2,000 parts, up to 40 MiB) so that S3's 10,000-part
-# limit is reached only past ~225 GiB, without knowing the size up front.
+# 8 MiB 31-37. Parts grow (doubling every 2,000 parts, up to 20 MiB, where one is in flight) so
+# that S3's 10,000-part limit is reached only past ~146 GiB, without knowing the size up front.
 PART_SIZE = 5 * MiB
 MAX_PARTS = 10_000
 # Parts being sent at once are bounded by their bytes (at least one part): with the part being
@@ -525,7 +525,7 @@ class _MultipartUpload(Upload):
         return written
 
     def _part_size(self) -> int:
-        return self._store.part_size << min(3, (self._next_part - 1) // 2000)
+        return self._store.part_size << min(2, (self._next_part - 1) // 2000)
 
     def _send(self) -> None:
         if self._next_part > MAX_PARTS:
