@@ -4,7 +4,8 @@
 django-storages' S3Storage does the configuration (session, endpoint, region, client settings),
 the key naming, the listing and the deletion. Not the transfers: measured with django-storages
 1.14.6 on 200 MB against moto on loopback, its S3File sends one 5 MiB part at a time from inside
-``write()`` (never two in flight, 46 MB/s, no checksum), and opening one for reading downloads the
+``write()`` (never two in flight, 46 MB/s, no checksum; an exception inside its ``with`` block
+completes the upload with whatever was written), and opening one for reading downloads the
 whole object into a SpooledTemporaryFile before the first byte, in memory with the default
 AWS_S3_MAX_MEMORY_SIZE=0 (+290 MB RSS, 2.5 s) or on disk otherwise. Here an upload is a multipart
 upload fed by ``write()`` with several parts in flight, and a read is ranged GETs a few chunks
