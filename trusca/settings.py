@@ -6,6 +6,7 @@ process at start-up with a message naming the variable, instead of surfacing at 
 """
 
 import os
+import re
 from pathlib import Path
 
 import dj_database_url
@@ -108,6 +109,44 @@ BACKUP_ENCRYPTION_RECIPIENTS = envstr("BACKUP_ENCRYPTION_RECIPIENTS")
 BACKUP_DECRYPTION_KEY_PASSPHRASE = envstr("BACKUP_DECRYPTION_KEY_PASSPHRASE")
 # A pg_dump or psql that makes no progress for this long is killed and its run fails.
 BACKUP_STALL_SECONDS = envint("BACKUP_STALL_SECONDS", "300", minimum=1)
+
+
+def envmatch(name: str, default: str, pattern: str, what: str, *, show: bool = True) -> str:
+    value = envstr(name, default)
+    if value and not re.fullmatch(pattern, value):
+        # show=False for a value that may hold a secret by mistake (a URL with user:password@).
+        raise ImproperlyConfigured(f"{name} is {value[:80]!r}; set it to {what}" if show else f"set {name} to {what}")
+    return value
+
+
+# Off-host copies in S3 or an S3-compatible store (MinIO, Backblaze B2, Wasabi, Ceph); no bucket,
+# no copy. The credentials are not settings: boto3 finds them itself (environment, shared files,
+# instance or container role), so they never pass through anything the portal prints.
+BACKUP_S3_BUCKET = envmatch("BACKUP_S3_BUCKET", "", r"[A-Za-z0-9._-]{3,255}", "a bucket name (letters, digits, . - _)")
+_prefix = envmatch(
+    "BACKUP_S3_PREFIX",
+    "backups/",
+    r"(?!/)(?!.*//)(?!(.*/)?\.\.?(/|$))[A-Za-z0-9._/-]{1,512}",
+    "a key prefix such as backups/ (letters, digits, . - _ and /, no leading slash, no . or .. part)",
+).removesuffix("/")
+BACKUP_S3_PREFIX = f"{_prefix}/" if _prefix else ""  # empty: the bucket's top level
+BACKUP_S3_ENDPOINT_URL = envmatch(
+    "BACKUP_S3_ENDPOINT_URL",
+    "",
+    r"https?://[A-Za-z0-9.:\[\]-]+(/[A-Za-z0-9._~/-]*)?",
+    "an http:// or https:// URL without credentials, query or fragment (empty for AWS)",
+    show=False,
+)
+BACKUP_S3_REGION = envmatch("BACKUP_S3_REGION", "", r"[a-z0-9-]{1,64}", "a region name such as eu-west-1")
+# GLACIER and DEEP_ARCHIVE are refused: a copy in them cannot be read back without hours of restore.
+BACKUP_S3_STORAGE_CLASS = envmatch(
+    "BACKUP_S3_STORAGE_CLASS",
+    "STANDARD_IA",
+    "STANDARD|STANDARD_IA|ONEZONE_IA|INTELLIGENT_TIERING|GLACIER_IR|REDUCED_REDUNDANCY",
+    "STANDARD, STANDARD_IA, ONEZONE_IA, INTELLIGENT_TIERING, GLACIER_IR, REDUCED_REDUNDANCY, "
+    "or nothing to send none (some S3-compatible stores refuse any other than STANDARD)",
+)
+BACKUP_S3_RETENTION_DAYS = envint("BACKUP_S3_RETENTION_DAYS", str(BACKUP_RETENTION_DAYS), minimum=1, maximum=36500)
 
 try:
     DATABASES = {

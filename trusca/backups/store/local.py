@@ -34,7 +34,7 @@ def check_name(name: str) -> str:
     return name
 
 
-def _check_member(member: str) -> str:
+def check_member(member: str) -> str:
     if member not in _MEMBERS:
         raise NotFound(f"{member!r} is not a file a backup holds")
     return member
@@ -85,7 +85,7 @@ class LocalStore(Store):
     def open_write(self, name: str, member: str, *, sha256: str | None = None) -> Upload:
         staging = self.staging_path(name)
         staging.mkdir(parents=True, exist_ok=True)
-        return _FileUpload(staging / _check_member(member))
+        return _FileUpload(staging / check_member(member))
 
     def publish(self, name: str, manifest: bytes) -> None:
         staging, final = self.staging_path(name), self.path(name)
@@ -102,7 +102,7 @@ class LocalStore(Store):
 
     def open_read(self, name: str, member: str) -> BinaryIO:
         try:
-            return open(self.path(name) / _check_member(member), "rb")
+            return open(self.path(name) / check_member(member), "rb")
         except (FileNotFoundError, NotADirectoryError):
             raise NotFound(f"{name} has no {member}") from None
 
