@@ -181,7 +181,7 @@ def test_an_upload_sent_as_a_form_is_refused_before_anything_parses_it(su_client
     before = snapshot()
     response = post_restore(su_client, reverse("backups:restore"), length=10, content_type=content_type)
     body = assert_problem(response, 415, "unsupported_media_type")
-    assert "--data-binary" in body["detail"]
+    assert "curl -X POST -T bundle.tar.gz" in body["detail"]
     assert snapshot() == before
 
 

@@ -290,8 +290,8 @@ def _gates(request, *, upload: bool):
             "unsupported_media_type",
             "Send the bundle as the request body",
             "An upload is not a form: send the bundle itself as the request body with Content-Type: "
-            "application/octet-stream (curl: --data-binary @bundle.tar.gz "
-            "-H 'Content-Type: application/octet-stream'). Nothing was changed.",
+            "application/octet-stream (curl -X POST -T bundle.tar.gz -H 'Content-Type: application/octet-stream'). "
+            "Nothing was changed.",
         )
     if request.content_type == "multipart/form-data":
         return _refuse(
