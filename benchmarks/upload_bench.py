@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -34,7 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dataset import BENCH_ROOT, PYTHON, REPO, code_identity  # noqa: E402
+from dataset import BENCH_ROOT, PYTHON, REPO, _machine_ticks, code_identity  # noqa: E402
 
 ROOT = BENCH_ROOT / "upload"
 BUNDLE = ROOT / "bundle.tar.gz"
@@ -207,6 +208,7 @@ def one_run(base: str, jar: Path, run_pid: int) -> dict:
     cpu_before = {w: cpu_seconds(w) for w in workers}
     peaks = dict.fromkeys(workers, 0)
     received_at: list[float] = []
+    received_cpu: dict[int, float] = {}
     done = threading.Event()
 
     def sample() -> None:
@@ -216,10 +218,13 @@ def one_run(base: str, jar: Path, run_pid: int) -> dict:
                 peaks[w] = max(peaks[w], status_kb(w, "VmRSS"))
             if not received_at and any((p / "bundle").is_dir() for p in backups.glob(".partial-unpack-*")):
                 received_at.append(time.monotonic())
+                received_cpu.update({w: cpu_seconds(w) for w in workers})
             time.sleep(0.05)
 
     sampler = threading.Thread(target=sample, daemon=True)
     subprocess.run(["sync"], check=True)
+    ticks_before = _machine_ticks()
+    children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.monotonic()
     sampler.start()
     out = curl(
@@ -230,6 +235,8 @@ def one_run(base: str, jar: Path, run_pid: int) -> dict:
         f"{base}/admin/backup/restore?confirmation=restore&filename=bundle.tar.gz",
     )
     answered = time.monotonic()
+    ticks_after = _machine_ticks()
+    children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
     done.set()
     sampler.join()
     code, curl_speed, curl_total = out.split()
@@ -245,6 +252,10 @@ def one_run(base: str, jar: Path, run_pid: int) -> dict:
         time.sleep(1)
     restore_seconds = time.monotonic() - restore_started
     served = max(workers, key=lambda w: cpu_seconds(w) - cpu_before[w])
+    tick = os.sysconf("SC_CLK_TCK")
+    busy = ((ticks_after[0] - ticks_after[1]) - (ticks_before[0] - ticks_before[1])) / tick
+    curl_cpu = sum(getattr(children_after, f) - getattr(children_before, f) for f in ("ru_utime", "ru_stime"))
+    worker_cpu = cpu_seconds(served) - cpu_before[served]
     return {
         "size": size,
         "receive_s": receive,
@@ -252,7 +263,11 @@ def one_run(base: str, jar: Path, run_pid: int) -> dict:
         "to_202_s": answered - started,
         "curl_MBps": float(curl_speed) / 1e6,
         "curl_total_s": float(curl_total),
-        "worker_cpu_s": cpu_seconds(served) - cpu_before[served],
+        "worker_cpu_s": worker_cpu,
+        "receive_cpu_s": received_cpu.get(served, cpu_seconds(served)) - cpu_before[served],
+        "curl_cpu_s": curl_cpu,
+        "other_cpu_s": busy - worker_cpu - curl_cpu,
+        "cores_s": (answered - started) * os.cpu_count(),
         "rss_before_mb": rss_before[served] / 1024,
         "rss_peak_mb": peaks[served] / 1024,
         "hwm_mb": status_kb(served, "VmHWM") / 1024,
@@ -316,6 +331,11 @@ def main() -> None:
         until = f"{'upload: until the 202':28}{r['to_202_s']:>10.2f}{mb / r['to_202_s']:>10.0f}"
         print(f"{until}   (curl's average: {r['curl_MBps']:.0f})")
         print(f"{'queued restore (worker)':28}{r['restore_s']:>10.2f}   {r['restore']} {r['restore_error']}")
+        print(
+            f"receiving cost the gunicorn worker {r['receive_cpu_s']:.1f} CPU-s ({mb / r['receive_cpu_s']:.0f} MB per "
+            f"CPU-s), curl {r['curl_cpu_s']:.1f}; other work on the machine took {r['other_cpu_s']:.1f} of the "
+            f"{r['cores_s']:.0f} CPU-s the {os.cpu_count()} cores had until the 202"
+        )
         ratio = (mb / r["receive_s"]) / (mb / r["cat_s"])
         print(
             f"receive/cat: {ratio:.2f} (target >= {TARGET_RATIO}: {'PASS' if ratio >= TARGET_RATIO else 'MISS'}); "

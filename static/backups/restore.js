@@ -131,8 +131,8 @@
             live.textContent = text;
         }
 
-        function refused(text) {
-            showMessage("error", text);
+        function refused(text, level = "error") {
+            showMessage(level, text);
             say(text);
             uploadPanel.hidden = true;
             restorePanel.hidden = true;
@@ -252,7 +252,7 @@
                 refused(detail || `The upload was refused (HTTP ${xhr.status}). Nothing was changed.`);
             };
             xhr.onerror = () => refused("The upload broke off (the connection was lost). Nothing was changed.");
-            xhr.onabort = () => refused("Upload cancelled. Nothing was changed.");
+            xhr.onabort = () => refused("Upload cancelled. Nothing was changed.", "warning");
             cancel.onclick = () => xhr.abort();
             xhr.send(chosen);
         }

@@ -1,6 +1,8 @@
 import re
+import time
 
 import pytest
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.utils import timezone
 from playwright.sync_api import expect
@@ -94,6 +96,23 @@ def test_a_superuser_restores_an_uploaded_bundle_then_undoes_it_from_the_list(
     cdp = context.new_cdp_session(page)
     cdp.send("Network.enable")
     throttle(cdp, upload=bundle.stat().st_size // 4)
+
+    # A first try, cancelled halfway: nothing is left behind and nothing is held.
+    before = sorted(p.name for p in settings.BACKUP_ROOT.iterdir())
+    confirm_and_restore(page)
+    expect(page.locator("#upload-text")).to_contain_text(re.compile(r"· [1-9]\d?% ·"))
+    page.get_by_role("button", name="Cancel upload").click()
+    expect(page.locator("ul.messagelist li.warning")).to_have_text("Upload cancelled. Nothing was changed.")
+    expect(page.locator("#restore-confirmation")).to_be_enabled()
+    screenshot(page, "upload-0-cancelled")
+    deadline = time.monotonic() + 15
+    while (sorted(p.name for p in settings.BACKUP_ROOT.iterdir()) != before or locks.current()) and (
+        time.monotonic() < deadline
+    ):
+        time.sleep(0.1)
+    assert sorted(p.name for p in settings.BACKUP_ROOT.iterdir()) == before
+    assert locks.current() is None
+
     confirm_and_restore(page)
     expect(page.locator("#upload-text")).to_contain_text(re.compile(r"MB of .* · \d+% · .*MB/s"))
     screenshot(page, "upload-1-uploading")
