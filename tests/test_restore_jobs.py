@@ -216,6 +216,16 @@ class Counting(io.RawIOBase):
         return count
 
 
+def test_a_body_without_a_length_is_read_to_its_end_when_the_server_ends_it(era, su_client, queued):
+    data = bundle_bytes(store.local().path(era.name))
+    body = {"wsgi.input": io.BytesIO(data), "wsgi.input_terminated": True}
+    response = upload(su_client, b"", CONTENT_LENGTH="", **body)
+    assert response.status_code == 202, response.content
+    assert Backup.objects.get(kind="uploaded").name == response.json()["backup"]
+    event = AuditEvent.objects.get(action="backup.uploaded")
+    assert event.detail["bytes"] == len(data)
+
+
 def test_a_body_without_a_length_is_cut_off_once_past_the_limit(era, su_client, queued, settings):
     fill_workspace(megabytes=3)
     big = operations.backup_create(kind="manual", actor="root", prune=False).backup

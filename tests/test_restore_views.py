@@ -230,6 +230,7 @@ def test_the_page_can_ask_whether_an_upload_of_a_given_size_would_be_accepted(su
     assert_problem(
         post_restore(su_client, url, header=None, check="yes", size="10"), 412, "restore_confirmation_required"
     )
+    assert_problem(post_restore(su_client, url, check="yes", size="-1"), 400, "bad_request")
     assert snapshot() == before
     assert queued == []
 

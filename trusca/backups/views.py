@@ -391,7 +391,7 @@ def _restore_page(request, pk: int | None, *, status: int = 200) -> TemplateResp
         except operations.NotFound as exc:
             return _not_found(request, exc)
         signature = operations.signature_of(backup.name) if backup.status == Backup.Status.SUCCEEDED else None
-        if backup.status != Backup.Status.SUCCEEDED and status == 200:
+        if backup.status != Backup.Status.SUCCEEDED and request.method == "GET":
             messages.error(request, f"{backup.name} is {backup.status}: only a complete backup can be restored.")
             status = 409
     context = _admin_context(
@@ -417,30 +417,25 @@ def restore(request):
         return _restore_page(request, None)
     if (refused := _gates(request, upload=True)) is not None:
         return refused
-    announced = request.META.get("CONTENT_LENGTH") or ""
-    if request.GET.get("check") == "yes":
-        announced = request.GET.get("size", "")
-    if announced:
-        try:
-            length = int(announced)
-            if length < 0:
-                raise ValueError
-        except ValueError:
-            return _refuse(request, 400, "bad_request", "Bad Content-Length", f"{announced!r} is not a length.")
-    elif request.GET.get("check") == "yes" or request.environ.get("wsgi.input_terminated"):
-        length = None  # chunked: the limit is enforced while reading
-    else:
+    # ?check=yes&size=N: the page asks whether an upload of N bytes would be taken, before sending it.
+    checking = request.GET.get("check") == "yes"
+    announced = request.GET.get("size", "") if checking else request.META.get("CONTENT_LENGTH") or ""
+    if announced and not (announced.isascii() and announced.isdigit()):
+        return _refuse(request, 400, "bad_request", "Bad length", f"{announced!r} is not a length in bytes.")
+    length = int(announced) if announced else None
+    # Without a length the body must be chunked, and only a server that ends it (gunicorn) says so.
+    if length is None and not checking and not request.environ.get("wsgi.input_terminated"):
         return _refuse(
             request, 411, "length_required", "Content-Length required", "Send the bundle with a Content-Length."
         )
     try:
         operations.upload_check(length=length)
-        if request.GET.get("check") == "yes":
+        if checking:
             if (holder := locks.current()) is not None:
                 raise locks.Busy(holder)
             return HttpResponse(status=204)
         job = operations.restore_upload(
-            stream=request if announced else request.environ["wsgi.input"],
+            stream=request if length is not None else request.environ["wsgi.input"],
             length=length,
             label=_label(request.GET.get("filename", "")),
             actor=request.user.get_username(),
@@ -524,7 +519,7 @@ def restore_done(request):
         )
         response = redirect(f"{reverse('admin:login')}?{urlencode({'next': reverse('backups:index')})}")
     else:
-        messages.error(request, f"The restore of {job.backup} failed: {job.error}.".replace("..", "."))
+        messages.error(request, f"The restore of {job.backup} failed: {job.error.rstrip('.')}.")
         response = redirect("backups:index")
     response.delete_cookie(JOB_COOKIE, path="/admin/")
     return response
