@@ -290,7 +290,11 @@ def main() -> None:
     print(f"code: {code_identity()}")
     print(f"bundle: {BUNDLE} ({size / 1e9:.2f} GB), filesystem of {ROOT}")
 
-    shutil.rmtree(ROOT / "backups", ignore_errors=True)
+    # Each run starts from an empty workspace (a restore leaves the bundle's 3 GB there), so its
+    # safety backup costs the same every time.
+    for name in ("backups", "workspace"):
+        shutil.rmtree(ROOT / name, ignore_errors=True)
+    (ROOT / "workspace").mkdir()
     with open(ROOT / "run.log", "w") as log:
         run = subprocess.Popen(
             ["bash", "scripts/run.sh"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -311,6 +315,8 @@ def main() -> None:
             rounded = {k: round(v, 2) if isinstance(v, float) else v for k, v in result.items()}
             print(f"run {number + 1}: {json.dumps(rounded)}", flush=True)
             sign_in(base, jar)  # the restore ended every session
+            shutil.rmtree(ROOT / "workspace")
+            (ROOT / "workspace").mkdir()
     finally:
         os.killpg(run.pid, signal.SIGTERM)
         try:
@@ -318,7 +324,8 @@ def main() -> None:
         except subprocess.TimeoutExpired:
             os.killpg(run.pid, signal.SIGKILL)
             run.wait()
-        shutil.rmtree(ROOT / "backups", ignore_errors=True)
+        for name in ("backups", "workspace"):
+            shutil.rmtree(ROOT / name, ignore_errors=True)
 
     mb = size / 1e6
     print()
