@@ -4,6 +4,7 @@ import threading
 from datetime import timedelta
 
 import pytest
+from django.contrib.staticfiles import finders
 from django.core.management import call_command
 from django.db import connection
 from django.test import Client
@@ -20,7 +21,7 @@ INDEX = ("get", "backups:index", False)
 LIST = ("get", "backups:list", False)
 STATUS = ("get", "backups:status", True)
 RUN = ("post", "backups:run", False)
-DOWNLOAD = ("post", "backups:download", True)
+DOWNLOAD = ("get", "backups:download", True)
 DELETE_PAGE = ("get", "backups:delete", True)
 DELETE = ("post", "backups:delete", True)
 
@@ -108,15 +109,21 @@ def test_staff_without_rights_get_403_from_run_download_and_delete(staff_client,
     assert not AuditEvent.objects.exists()
 
 
-def test_staff_without_rights_see_neither_the_toolbar_nor_row_actions(staff_client):
+def test_staff_without_rights_see_neither_the_toolbar_nor_an_actions_column(staff_client):
     make_row()
+    make_row(status=Backup.Status.FAILED, minutes_ago=3, message="disk full")
     page = staff_client.get(reverse("backups:index")).content.decode()
     assert "Run manual backup now" not in page
+    assert "Upload and restore…" not in page.split("No backups yet")[0]
+    assert ">Actions</th>" not in page
+    assert "backup-actions" not in page
     assert "Download" not in page
+    assert "Restore…" not in page
     assert "deletelink" not in page
+    assert "disk full" in page
 
 
-@pytest.mark.parametrize(("method", "name", "needs_pk"), [RUN, DOWNLOAD, DELETE])
+@pytest.mark.parametrize(("method", "name", "needs_pk"), [RUN, DELETE])
 def test_the_superusers_actions_need_a_csrf_token(superuser, no_worker, method, name, needs_pk):
     browser = Client(enforce_csrf_checks=True)
     browser.force_login(superuser)
@@ -140,12 +147,13 @@ def test_a_superuser_with_the_pages_csrf_token_can_run_a_backup(superuser, no_wo
 # The page -------------------------------------------------------------------------------------
 
 
-def test_with_no_backups_the_page_shows_the_empty_card_pointing_to_the_toolbar_and_the_nightly_job(su_client):
+def test_with_no_backups_the_page_shows_the_empty_card_under_the_column_headers(su_client):
     page = su_client.get(reverse("backups:index")).content.decode()
-    assert "No backups yet…" in page
-    assert "Run manual backup now" in page
-    assert "nightly job" in page
-    assert 'id="result_list"' not in page
+    card = page.index("No backups yet…")
+    assert page.index(">Name</th>") < page.index(">Actions</th>") < card
+    assert "Take the first one with <strong>Run manual backup now</strong>" in page[card:]
+    assert "<strong>Upload and restore…</strong>" in page[card:]
+    assert "nightly job" in page[card:]
 
 
 def test_the_page_lists_backups_newest_first_under_the_six_columns(su_client):
@@ -342,10 +350,15 @@ def test_the_list_api_pages_and_still_names_the_latest_attempt(staff_client):
 # Download -------------------------------------------------------------------------------------
 
 
+def test_download_is_a_link_on_the_page(su_client, real_backup):
+    page = su_client.get(reverse("backups:index")).content.decode()
+    assert f'<a href="{reverse("backups:download", args=[real_backup.pk])}" download>Download</a>' in page
+
+
 def test_download_streams_a_bundle_that_verifies_and_is_audited(real_backup, superuser, tmp_path):
-    browser = Client()
+    browser = Client(enforce_csrf_checks=True)
     browser.force_login(superuser)
-    response = browser.post(reverse("backups:download", args=[real_backup.pk]))
+    response = browser.get(reverse("backups:download", args=[real_backup.pk]))
     assert response.status_code == 200
     assert response.streaming
     assert response["Content-Type"] == "application/gzip"
@@ -364,8 +377,38 @@ def test_download_streams_a_bundle_that_verifies_and_is_audited(real_backup, sup
 
 def test_a_backup_without_files_cannot_be_downloaded(su_client):
     failed = make_row(status=Backup.Status.FAILED, message="disk full")
-    assert_problem(su_client.post(reverse("backups:download", args=[failed.pk])), 409, "backup_not_downloadable")
+    assert_problem(su_client.get(reverse("backups:download", args=[failed.pk])), 409, "backup_not_downloadable")
     assert not AuditEvent.objects.exists()
+
+
+def test_a_download_another_site_triggers_is_refused_and_not_audited(su_client, real_backup):
+    response = su_client.get(
+        reverse("backups:download", args=[real_backup.pk]), headers={"sec-fetch-site": "cross-site"}
+    )
+    assert_problem(response, 403, "cross_site_download")
+    assert not AuditEvent.objects.filter(action="backup.downloaded").exists()
+
+
+@pytest.mark.parametrize(("method", "name", "needs_pk"), [STATUS, DOWNLOAD, DELETE_PAGE])
+def test_a_browser_opening_a_missing_backups_url_gets_the_admins_404_page(su_client, method, name, needs_pk):
+    response = su_client.get(reverse(name, args=[999]), headers={"accept": "text/html,application/xhtml+xml"})
+    assert response.status_code == 404
+    assert response["Content-Type"].startswith("text/html")
+    page = response.content.decode()
+    assert "Page not found" in page
+    assert "There is no backup with id 999" in page
+    assert 'id="nav-sidebar"' in page
+
+
+def test_the_sidebar_marks_backup_as_the_current_page(su_client):
+    page = su_client.get(reverse("backups:index")).content.decode()
+    assert f'<a href="{reverse("backups:index")}" aria-current="page">Backup</a>' in page
+
+
+def test_the_favicon_is_a_static_file_not_a_404(client, settings):
+    response = client.get("/favicon.ico")
+    assert (response.status_code, response["Location"]) == (301, f"{settings.STATIC_URL}backups/favicon.ico")
+    assert finders.find("backups/favicon.ico")
 
 
 # Delete ---------------------------------------------------------------------------------------

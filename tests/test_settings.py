@@ -28,6 +28,7 @@ def start(tmp_path, **env) -> subprocess.CompletedProcess:
         ({"BACKUP_RETENTION_DAYS": "seven"}, "BACKUP_RETENTION_DAYS is 'seven'; set it to a whole number"),
         ({"BACKUP_RETENTION_DAYS": "0"}, "BACKUP_RETENTION_DAYS is 0; set it to a whole number from 1 to 36500"),
         ({"BACKUP_RETENTION_DAYS": "99999999999"}, "BACKUP_RETENTION_DAYS is 99999999999; set it to a whole number"),
+        ({"BACKUP_UPLOAD_MAX_BYTES": "10GB"}, "BACKUP_UPLOAD_MAX_BYTES is '10GB'; set it to a whole number"),
         ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL is 'LOUD'; set it to one of DEBUG, INFO, WARNING, ERROR"),
         ({"DATABASE_URL": "mysql://x@y/z"}, "DATABASE_URL must point at PostgreSQL"),
         ({"CELERY_BROKER_URL": "sqs://"}, "CELERY_BROKER_URL must be filesystem://"),

@@ -95,6 +95,9 @@ BACKUP_RETENTION_DAYS = envint("BACKUP_RETENTION_DAYS", "7", minimum=1, maximum=
 # BACKUP_STALE_SECONDS is taken for dead, its lock freed and its row marked failed.
 BACKUP_HEARTBEAT_SECONDS = envint("BACKUP_HEARTBEAT_SECONDS", "10", minimum=1)
 BACKUP_STALE_SECONDS = envint("BACKUP_STALE_SECONDS", "180", minimum=2)
+# The largest bundle the admin accepts for "Upload and restore" (10 GB); larger ones are restored
+# with manage.py restore on the server. The upload streams to disk, so this bounds disk, not memory.
+BACKUP_UPLOAD_MAX_BYTES = envint("BACKUP_UPLOAD_MAX_BYTES", str(10 * 1024**3), minimum=1, maximum=2**62)
 # Signs every manifest (which holds every file's sha256): a restore trusts only backups signed
 # with it. Unset, one is generated once into VAR_DIR/backup_signing_key. Keys used before a
 # rotation stay usable for checking, comma- or line-separated.

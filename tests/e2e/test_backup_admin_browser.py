@@ -48,7 +48,7 @@ def test_a_superuser_runs_a_backup_watches_it_finish_and_downloads_a_bundle_that
 
     backup = Backup.objects.get()
     with page.expect_download() as download_info:
-        row.get_by_role("button", name="Download").click()
+        row.get_by_role("link", name="Download").click()
     download = download_info.value
     assert download.suggested_filename == f"{backup.name}.tar.gz"
     bundle = tmp_path / download.suggested_filename
@@ -82,6 +82,6 @@ def test_a_staff_member_without_rights_sees_the_list_but_no_toolbar(browser, liv
         "title", f"Removed by the automatic retention after {days} days (BACKUP_RETENTION_DAYS)"
     )
     expect(page.get_by_role("button", name="Run manual backup now")).to_have_count(0)
-    expect(row.get_by_role("button", name="Download")).to_have_count(0)
+    expect(row.get_by_role("link", name="Download")).to_have_count(0)
     expect(row.get_by_role("link", name="Delete")).to_have_count(0)
     screenshot(page, "staff")

@@ -12,16 +12,13 @@ from pathlib import Path
 
 from django.conf import settings
 from django.core.cache import cache
-from django.http import HttpResponse
-from django.template.loader import render_to_string
 from django.utils import timezone
-
-from trusca.backups.problems import problem, wants_json
 
 KEY = "trusca:maintenance"
 RETRY_AFTER_SECONDS = 30
-# Static files need no database, and the 503 page uses them.
-ALLOWED_PREFIXES = ("/static/", "/favicon.ico")
+# Static files need no database, and the 503 page uses them; the restore's status reads only
+# the cache, and the 503 page follows it.
+ALLOWED_PREFIXES = ("/static/", "/favicon.ico", "/admin/backup/restore/status")
 
 
 def journal_path() -> Path:
@@ -66,13 +63,9 @@ class MaintenanceMiddleware:
         state = active()
         if state is None or request.path.startswith(ALLOWED_PREFIXES):
             return self.get_response(request)
-        detail = f"{state['reason']} (since {state['since']}). Try again shortly."
-        if wants_json(request):
-            response = problem(503, "maintenance", "Down for maintenance", detail)
-        else:
-            response = HttpResponse(
-                render_to_string("backups/maintenance.html", {"state": state, "retry": RETRY_AFTER_SECONDS}),
-                status=503,
-            )
+        # Imported here: the views import the operations, which import this module.
+        from trusca.backups.views import maintenance_page
+
+        response = maintenance_page(request, state)
         response["Retry-After"] = str(RETRY_AFTER_SECONDS)
         return response

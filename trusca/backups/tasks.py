@@ -24,6 +24,14 @@ def run_backup(self, backup_id: int) -> None:
         operations.backup_run_queued(backup_id=backup_id)
 
 
+@shared_task
+def run_restore(restore_id: str) -> None:
+    # The outcome is kept with the job, which the admin follows, and in the audit log. Not
+    # retried: the operator who reads why it failed decides whether to ask again.
+    with contextlib.suppress(operations.OperationFailed):
+        operations.restore_run_queued(restore_id=restore_id)
+
+
 @worker_ready.connect
 def sweep_at_start(**kwargs) -> None:
     """A worker that starts finishes what a killed one left: a restore's journal, dead runs."""

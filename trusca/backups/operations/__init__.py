@@ -5,6 +5,7 @@ these functions and nothing else: no workflow is written twice.
 - ``backup``: taking a backup, here or queued for a worker;
 - ``verify``: checking one without restoring it; ``sources``: what an operator names as one;
 - ``restore``: the restore protocol, its journal and the recovery after a crash;
+- ``restore_jobs``: a restore asked for from the admin (a listed backup or an upload), queued;
 - ``catalog``: the Backup table, retention, delete and download;
 - ``sweep``: what dead processes left behind.
 """
@@ -28,6 +29,20 @@ from trusca.backups.operations.restore import (
     restore_run,
     restore_status,
 )
+from trusca.backups.operations.restore_jobs import (
+    NotEnoughSpace,
+    QueueUnavailable,
+    RestoreJob,
+    RestoreUntrusted,
+    UploadIncomplete,
+    UploadTooLarge,
+    restore_enqueue,
+    restore_job,
+    restore_run_queued,
+    restore_upload,
+    signature_of,
+    upload_check,
+)
 from trusca.backups.operations.sources import Source, SourceError, decryption_keys, open_source
 from trusca.backups.operations.sweep import sweep
 from trusca.backups.operations.verify import Untrusted, VerifyFailed, VerifyReport, backup_sign, backup_verify
@@ -36,15 +51,21 @@ __all__ = [
     "BackupFailed",
     "BackupOutcome",
     "Interrupted",
+    "NotEnoughSpace",
     "NotFound",
     "OperationFailed",
+    "QueueUnavailable",
     "RestoreFailed",
+    "RestoreJob",
     "RestoreOutcome",
     "RestorePlan",
     "RestoreRefused",
+    "RestoreUntrusted",
     "Source",
     "SourceError",
     "Untrusted",
+    "UploadIncomplete",
+    "UploadTooLarge",
     "VerifyFailed",
     "VerifyReport",
     "backup_create",
@@ -59,9 +80,15 @@ __all__ = [
     "decryption_keys",
     "get_backup",
     "open_source",
+    "restore_enqueue",
+    "restore_job",
     "restore_prepare",
     "restore_recover",
     "restore_run",
+    "restore_run_queued",
     "restore_status",
+    "restore_upload",
+    "signature_of",
     "sweep",
+    "upload_check",
 ]

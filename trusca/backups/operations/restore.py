@@ -262,16 +262,23 @@ def restore_status() -> dict | None:
 
 
 def restore_run(
-    *, plan: RestorePlan, actor: str, safety_backup: bool = True, reporter: Reporter | None = None
+    *,
+    plan: RestorePlan,
+    actor: str,
+    safety_backup: bool = True,
+    reporter: Reporter | None = None,
+    lock: locks.OperationLock | None = None,
 ) -> RestoreOutcome:
     """Replace the database and the workspace with the backup's. Until the database commits, a
-    failure or an interruption leaves both exactly as they were."""
+    failure or an interruption leaves both exactly as they were. ``lock``: the operation lock a
+    queued restore already holds (handed over from the request that queued it, so nothing can
+    start in between); taken here otherwise. Released either way."""
     from trusca.backups.operations.sweep import sweep
 
     reporter = reporter or Reporter()
     sweep()
     restore_id = uuid.uuid4().hex
-    lock = locks.OperationLock(f"a restore from {plan.source.label}", owner=f"restore:{restore_id}").acquire()
+    lock = lock or locks.OperationLock(f"a restore from {plan.source.label}", owner=f"restore:{restore_id}").acquire()
     run = Run(lock)
     status = _Status(plan.source.label)
     live = plan.workspace_path
