@@ -486,7 +486,7 @@ def test_a_broker_that_is_down_fails_the_row_frees_the_lock_and_says_so(su_clien
 def test_a_catalog_row_with_an_unsafe_name_is_never_used_as_a_path(su_client, name, caplog):
     row = Backup.objects.create(name=name, kind="manual", status="succeeded", created_at=timezone.now())
     for response in (
-        su_client.post(reverse("backups:download", args=[row.pk]), headers={"accept": "application/json"}),
+        su_client.get(reverse("backups:download", args=[row.pk]), headers={"accept": "application/json"}),
         su_client.post(reverse("backups:delete", args=[row.pk]), headers={"accept": "application/json"}),
     ):
         assert_problem(response, 404, "backup_not_found")

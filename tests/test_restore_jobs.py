@@ -146,7 +146,7 @@ def newer_migrations(era, tmp_path) -> bytes:
     ("make", "words"),
     [
         (truncated, "the bundle does not read as a .tar.gz"),
-        (not_gzip, "the bundle does not read as a .tar.gz"),
+        (not_gzip, "is not a gzip file"),
         (foreign_tar, "the bundle holds an unexpected member 'etc/passwd'"),
         (climbing_bundle_member, "the bundle holds an unexpected member '../manifest.json'"),
         (climbing_workspace_member, "member '1/../../escaped.txt' contains '..'"),

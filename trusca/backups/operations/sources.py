@@ -2,8 +2,10 @@
 store and a name that every workflow reads the same way."""
 
 import contextlib
+import io
 import os
 import secrets
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,57 +102,72 @@ def unpacked_bundle(path: Path, *, label: str, keys: crypto.DecryptionKeys | Non
         raise SourceError(f"{label} is neither a backup directory nor a bundle file")
     if path.stat().st_size == 0:
         raise SourceError(f"{label} is an empty file, not a backup bundle")
-    with open(path, "rb") as fh:
-        if fh.read(2) == GZIP_MAGIC:
-            fh.seek(0)
-            with unpacking(fh, label=label) as source:
-                yield source
-            return
-        fh.seek(0)
-        # Not gzip: an OpenPGP-encrypted bundle, as `gpg --encrypt` of a bundle makes, or garbage
-        # that decryption refuses in words.
-        if keys is None:
-            raise SourceError(
-                f"{label} is not a gzip file; if it is an encrypted bundle, give the passphrase or private key "
-                "that opens it"
-            )
-        with (
-            contextlib.closing(crypto.decrypting_reader(fh, keys, name=path.name)) as plain,
-            unpacking(plain, label=label, drain=True) as source,
-        ):
-            yield source
+    with open(path, "rb") as fh, unpacking(fh, label=label, keys=keys) as source:
+        yield source
+
+
+class _Peeked(io.RawIOBase):
+    """A stream whose first bytes were read to tell what it is, handed on whole."""
+
+    def __init__(self, head: bytes, rest):
+        self._head, self._rest = head, rest
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if self._head:
+            count = min(len(buffer), len(self._head))
+            buffer[:count], self._head = self._head[:count], self._head[count:]
+            return count
+        data = self._rest.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
 
 
 @contextlib.contextmanager
-def unpacking(stream, *, label: str, drain: bool = False) -> Iterator[Source]:
-    """Unpack a bundle stream into a hidden directory under BACKUP_ROOT that names its owning
-    process, so the sweep can tell one in use from one a killed process left."""
+def unpacking(stream, *, label: str, keys: crypto.DecryptionKeys | None = None) -> Iterator[Source]:
+    """Unpack a bundle stream (a file, an upload) into a hidden directory under BACKUP_ROOT that
+    names its owning host and process, so the sweep can tell one in use from one a killed process
+    left. A bundle encrypted whole (``gpg --encrypt`` of ``NAME.tar.gz``) is decrypted on the way."""
+    head = stream.read(2)
+    stream = io.BufferedReader(_Peeked(head, stream), buffer_size=1 << 20)
+    encrypted = head != GZIP_MAGIC
+    if encrypted and keys is None:
+        raise SourceError(
+            f"{label} is not a gzip file; if it is an encrypted bundle, give the passphrase or private key "
+            "that opens it"
+        )
     local = store.local()
     local.root.mkdir(parents=True, exist_ok=True)
-    suffix = f"{UNPACK_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+    suffix = f"{UNPACK_PREFIX}{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
     root = local.partial_path(suffix)
     root.mkdir()
     try:
         scratch = store.LocalStore(root)
-        try:
-            manifest_bytes = bundle.unpack(stream, scratch, "bundle")
-        except bundle.BundleError as exc:
-            raise SourceError(f"{label}: {exc}") from None
-        if drain:
-            # To its very end, where an OpenPGP message proves it was not altered.
-            while stream.read(1 << 20):
-                pass
+        with contextlib.ExitStack() as stack:
+            if encrypted:
+                stream = stack.enter_context(contextlib.closing(crypto.decrypting_reader(stream, keys, name=label)))
+            try:
+                manifest_bytes = bundle.unpack(stream, scratch, "bundle")
+            except bundle.BundleError as exc:
+                raise SourceError(f"{label}: {exc}") from None
+            if encrypted:
+                # To its very end, where an OpenPGP message proves it was not altered.
+                while stream.read(1 << 20):
+                    pass
         scratch.publish("bundle", manifest_bytes)
         yield Source(scratch, "bundle", label)
     finally:
         local.remove_partial(suffix)
 
 
-def unpack_owner(suffix: str) -> int | None:
-    """The pid that owns a hidden unpack directory, from its name."""
+def unpack_owner(suffix: str) -> tuple[str, int] | None:
+    """(host, pid) of the process that owns a hidden unpack directory, from its name."""
     if not suffix.startswith(UNPACK_PREFIX):
         return None
     try:
-        return int(suffix[len(UNPACK_PREFIX) :].split("-")[0])
+        host, pid, _token = suffix[len(UNPACK_PREFIX) :].rsplit("-", 2)
+        return host, int(pid)
     except ValueError:
         return None

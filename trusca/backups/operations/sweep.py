@@ -2,6 +2,7 @@
 and of the web server, and by the admin's page."""
 
 import os
+import socket
 import time
 from datetime import timedelta
 
@@ -57,7 +58,12 @@ def _sweep_partials() -> None:
     for suffix in local.partial_names():
         owner = unpack_owner(suffix)
         if owner is not None:
-            if not _alive(owner):
+            host, pid = owner
+            # Another host (a container with pids of its own) is judged by whether the upload
+            # or unpack is still writing, this one by whether its process lives.
+            if (host == socket.gethostname() and not _alive(pid)) or (
+                host != socket.gethostname() and _idle(local.partial_path(suffix))
+            ):
                 local.remove_partial(suffix)
             continue
         name = suffix.removesuffix(".tar.gz").removeprefix("deleting-")
@@ -76,6 +82,11 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _idle(directory) -> bool:
+    newest = max((p.stat().st_mtime for p in directory.rglob("*")), default=directory.stat().st_mtime)
+    return time.time() - newest > settings.BACKUP_STALE_SECONDS
 
 
 def _age(path) -> float:
