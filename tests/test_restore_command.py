@@ -484,3 +484,10 @@ def test_a_link_chain_is_refused_by_verify_restore_and_a_bundle_and_touches_noth
             call_command("verify_backup", str(source), stdout=io.StringIO())
         refused(source, "symlink 'b' points outside the workspace")
     assert victim.read_text() == "untouched"
+
+
+def test_the_backups_own_row_and_other_runs_of_its_era_are_not_left_running(demo):
+    backup = take_backup()
+    restore(backup, "--no-safety-backup")
+    assert not Backup.objects.filter(status__in=["queued", "running"]).exists()
+    assert Backup.objects.get(name=backup.name).status == "succeeded"

@@ -65,7 +65,8 @@ def stream(store: Store, name: str, manifest: Manifest, manifest_bytes: bytes) -
 def _header(out, member: str, size: int) -> None:
     info = tarfile.TarInfo(member)
     info.size, info.mode = size, 0o640
-    out.write(info.tobuf(format=tarfile.USTAR_FORMAT))
+    # GNU headers: ustar's size field stops at 8 GiB, a workspace archive may not.
+    out.write(info.tobuf(format=tarfile.GNU_FORMAT))
 
 
 def _pad(out, size: int) -> None:

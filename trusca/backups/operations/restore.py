@@ -487,6 +487,8 @@ def _after_restore(journal: Journal) -> int:
         # Sessions in the restored table belong to the backup's era: everyone signs in again.
         Session.objects.all().delete()
     if Backup._meta.db_table in tables:
+        # Runs in progress when the backup was taken (its own row among them) are ghosts now.
+        Backup.objects.filter(status__in=[Backup.Status.QUEUED, Backup.Status.RUNNING]).delete()
         catalog_sync()
     fault_point("before-audit")
     if AuditEvent._meta.db_table not in tables:
