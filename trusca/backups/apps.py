@@ -3,6 +3,7 @@ import shutil
 
 from django.apps import AppConfig
 from django.core import checks
+from django.db.models.signals import post_migrate
 
 
 class BackupsConfig(AppConfig):
@@ -13,6 +14,16 @@ class BackupsConfig(AppConfig):
     def ready(self):
         checks.register(check_paths, "backups")
         checks.register(check_tools, "backups")
+        post_migrate.connect(create_schedule, sender=self)
+
+
+def create_schedule(using, **kwargs):
+    """The periodic tasks are data in django-celery-beat's tables that operators edit, so they
+    are created when missing after every migrate rather than by a data migration, which would run
+    once and never bring back a deleted one."""
+    from trusca.backups import schedule
+
+    schedule.ensure(using)
 
 
 def check_paths(app_configs=None, **kwargs):
