@@ -2,6 +2,8 @@ from django.contrib import admin
 from django.urls import include, path
 from django.views.generic import RedirectView
 
+from trusca.backups import health_views
+
 admin.site.site_header = "TRUSCA administration"
 admin.site.site_title = "TRUSCA"
 
@@ -9,5 +11,6 @@ urlpatterns = [
     path("", RedirectView.as_view(url="/admin/", permanent=False)),
     # Before the admin's own URLs, whose catch-all would otherwise answer /admin/backup/ with a 404.
     path("admin/backup/", include("trusca.backups.urls")),
+    path("admin/health", health_views.health, name="health"),
     path("admin/", admin.site.urls),
 ]
