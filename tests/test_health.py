@@ -84,8 +84,14 @@ def test_a_monitor_with_the_token_reads_the_json(db, client):
     ]
     assert set(body["checks"]["database"]) == {"title", "state", "detail", "action"}
 
+    page = client.get(URL, headers={"authorization": f"Bearer {TOKEN}"})
+    assert page.content.count(b"<tr data-check=") == 9
+    assert b'id="nav-sidebar"' not in page.content, "the token shows the health page, not the admin"
 
-@pytest.mark.parametrize("authorization", [f"Bearer {TOKEN[:-1]}", f"Bearer {TOKEN}x", f"Basic {TOKEN}", "Bearer "])
+
+@pytest.mark.parametrize(
+    "authorization", [f"Bearer {TOKEN[:-1]}", f"Bearer {TOKEN}x", f"bearer {TOKEN.upper()}", "Bearer "]
+)
 def test_a_wrong_token_gets_401(db, client, authorization):
     response = client.get(URL, headers={"accept": "application/json", "authorization": authorization})
     assert response.status_code == 401
@@ -109,6 +115,9 @@ def test_staff_read_the_page_in_the_admin_and_others_are_sent_to_sign_in(db, cli
     assert page.status_code in (200, 503)
     assert b"<title>Health | TRUSCA</title>" in page.content
     assert page.content.count(b"<tr data-check=") == 9
+    # A proxy's own Basic sign-in in front of the admin is not taken for a wrong health token.
+    behind_proxy = staff_client.get(URL, headers={"authorization": "Basic cHJveHk6c2VjcmV0"})
+    assert behind_proxy.content.count(b"<tr data-check=") == 9
 
     client.logout()
     anonymous = client.get(URL)

@@ -6,8 +6,10 @@ Waiting for midnight, or even for the next minute, is not needed to see beat fir
 at 00:00 every night beat holds a crontab whose fire time has just passed and a last run a day
 before it, and that state is made here, at the current minute, while beat runs."""
 
+import re
 import time
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import time_machine
@@ -23,6 +25,7 @@ pytestmark = pytest.mark.integration
 
 RUN_TIMEOUT_SECONDS = 60
 SENT = f"Sending due task {DAILY} (trusca.backups.tasks.auto_backup)"
+FINISHED = re.compile(r"Task trusca\.backups\.tasks\.auto_backup\[[^]]+\] succeeded in ")
 TOKEN = "monitor-token-" + "m" * 24
 
 
@@ -33,14 +36,14 @@ def set_daily(*, minute: str, hour: str, last_run_at) -> None:
     PeriodicTasks.update_changed()
 
 
-def wait_for_auto_backups(count: int, since) -> list[Backup]:
+def wait_for_auto_runs(worker_log: Path, count: int) -> list[Backup]:
+    """The auto backups once the worker has finished ``count`` runs of the task (pruning included)."""
     deadline = time.monotonic() + RUN_TIMEOUT_SECONDS
-    while time.monotonic() < deadline:
-        found = list(Backup.objects.filter(kind="auto", created_at__gte=since).order_by("created_at"))
-        if len(found) >= count and all(b.status in ("succeeded", "failed") for b in found):
-            return found
+    while len(FINISHED.findall(worker_log.read_text())) < count:
+        if time.monotonic() > deadline:
+            pytest.fail(f"{count} run(s) of the auto backup task did not finish in {RUN_TIMEOUT_SECONDS} s")
         time.sleep(0.2)
-    pytest.fail(f"{count} auto backup(s) did not finish in {RUN_TIMEOUT_SECONDS} s: {found}")
+    return list(Backup.objects.filter(kind="auto").order_by("created_at", "id"))
 
 
 def test_beat_sends_the_nightly_backup_catches_up_a_missed_night_once_and_retention_follows(
@@ -57,7 +60,7 @@ def test_beat_sends_the_nightly_backup_catches_up_a_missed_night_once_and_retent
     start = timezone.now().replace(microsecond=0)
     with running_beat(tmp_path / "beat-1.log") as beat:
         set_daily(minute=str(start.minute), hour=str(start.hour), last_run_at=start - timedelta(days=1))
-        [first] = wait_for_auto_backups(1, since=start)
+        [first] = wait_for_auto_runs(worker_log, 1)  # the old one was pruned after it
         assert first.status == "succeeded", first.message
         assert first.name.startswith("auto-") and first.actor == "schedule"
 
@@ -81,12 +84,12 @@ def test_beat_sends_the_nightly_backup_catches_up_a_missed_night_once_and_retent
     # twelve hours from now, outside the two hours django-celery-beat reads crontabs for.
     away = timezone.now() + timedelta(hours=12)
     set_daily(minute="0", hour=str(away.hour), last_run_at=timezone.now() - timedelta(days=3))
-    restarted = timezone.now().replace(microsecond=0)
     with running_beat(tmp_path / "beat-2.log"):
-        [second] = wait_for_auto_backups(1, since=restarted)
+        wait_for_auto_runs(worker_log, 2)
         time.sleep(3)  # three of beat's one-second ticks, were it to send the same night again
+    [again, second] = wait_for_auto_runs(worker_log, 2)
+    assert again == first
     assert second.status == "succeeded", second.message
-    assert Backup.objects.filter(kind="auto", created_at__gte=restarted).count() == 1
     beat_log = (tmp_path / "beat-2.log").read_text()
     assert beat_log.count(SENT) == 1
     assert f"{DAILY} did not run at " in beat_log and "(beat was down); sending it once now" in beat_log

@@ -23,9 +23,10 @@ from trusca.backups.problems import problem, wants_json
 @never_cache
 @require_GET
 def health(request):
-    header = request.headers.get("Authorization")
-    if header is not None:
-        if not _token_matches(header):
+    header = request.headers.get("Authorization", "")
+    # Other schemes (a proxy's Basic sign-in in front of the admin) leave it to the session.
+    if header[:7].lower() == "bearer ":
+        if not _token_matches(header[7:]):
             return _unauthorized("The Authorization header does not carry the health token (BACKUP_HEALTH_TOKEN).")
         context = {"site_header": admin.site.site_header, "site_title": admin.site.site_title, "has_permission": False}
     else:
@@ -44,14 +45,11 @@ def health(request):
     )
 
 
-def _token_matches(header: str) -> bool:
+def _token_matches(given: str) -> bool:
     expected = settings.BACKUP_HEALTH_TOKEN
-    scheme, _, given = header.partition(" ")
     # compare_digest takes as long whatever the first differing byte: the token cannot be
     # guessed one character at a time from response times.
-    return (
-        bool(expected) and scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), expected.encode())
-    )
+    return bool(expected) and hmac.compare_digest(given.strip().encode(), expected.encode())
 
 
 def _unauthorized(detail: str):
