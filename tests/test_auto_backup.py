@@ -130,3 +130,33 @@ def test_the_beat_heartbeat_task_records_the_worker_that_took_it():
 def test_the_periodic_tasks_name_real_tasks():
     registered = set(tasks.auto_backup.app.tasks)
     assert {t.task for t in PeriodicTask.objects.all()} <= registered
+
+
+def test_the_watch_finishes_a_restore_whose_process_was_killed(demo, drop_tables_made_after_backup):
+    from tests.test_restore_command import take_backup
+    from tests.test_restore_crash import restore_killed_at
+
+    backup = take_backup()
+    assert restore_killed_at("after-commit", backup).returncode == -9
+    assert maintenance.active() is not None
+    tasks.watch.apply()
+    assert maintenance.active() is None, "the portal reopens within a minute, without a restart"
+    assert not maintenance.journal_path().exists()
+
+
+def test_the_watch_leaves_a_running_restore_alone(settings):
+    maintenance.enter("restoring manual-20260509T030000Z")
+    try:
+        silent = timezone.now() - timedelta(seconds=settings.BACKUP_STALE_SECONDS + 5)
+        row = Backup.objects.create(
+            name="pre-restore-20260509T030000Z",
+            kind="pre_restore",
+            status="running",
+            created_at=silent,
+            heartbeat_at=silent,
+        )
+        tasks.watch.apply()
+        row.refresh_from_db()
+        assert row.status == "running"
+    finally:
+        maintenance.leave()

@@ -69,8 +69,8 @@ PERIODIC = (
     Periodic(
         "backup-watch",
         "trusca.backups.tasks.watch",
-        "Marks failed the backups whose worker died, and sends the alerts for a failed nightly backup and for "
-        "no backup in 26 hours.",
+        "Marks failed the backups whose worker died, finishes or undoes a restore whose process was killed, and "
+        "sends the alerts for a failed nightly backup and for no backup in 26 hours.",
         every_seconds=60,
         expire_seconds=60,
     ),

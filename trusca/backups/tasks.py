@@ -118,7 +118,11 @@ def verify_sweep(self) -> None:
 @shared_task
 def watch() -> None:
     if maintenance.active():
-        return  # the restore's own recovery owns the state until it ends
+        # A restore that runs is left alone (its tables are being replaced); one whose process
+        # was killed is finished or undone now, not at the next restart.
+        if recovered := operations.restore_recover():
+            log.warning("%s", recovered)
+        return
     for line in operations.sweep():
         log.warning("%s", line)
     alerts.check_last_auto()
