@@ -67,11 +67,14 @@ class Report:
         }
 
 
+@dataclass(frozen=True)
 class _Probe:
-    def __init__(self, id: str, title: str, run: Callable[[], tuple], when_silent: str, lane: str = ""):
-        self.id, self.title, self.run, self.when_silent = id, title, run, when_silent
-        # Probes in one lane run one after the other in one thread, on one database connection.
-        self.lane = lane or id
+    id: str
+    title: str
+    run: Callable[[], tuple]  # (state, detail) or (state, detail, action)
+    when_silent: str  # the action when it fails or does not answer in time
+    # Probes in one lane run one after the other in one thread, on one database connection.
+    lane: str = ""
 
 
 def run_checks() -> Report:
@@ -92,7 +95,7 @@ def run_checks() -> Report:
 
     lanes: dict[str, list[_Probe]] = {}
     for probe in PROBES:
-        lanes.setdefault(probe.lane, []).append(probe)
+        lanes.setdefault(probe.lane or probe.id, []).append(probe)
     threads = [
         threading.Thread(target=work, args=(lane,), name=f"health-{name}", daemon=True) for name, lane in lanes.items()
     ]
