@@ -24,8 +24,15 @@ from trusca.portal import audit
 from trusca.portal.models import AuditEvent, LicenseFinding, Project, Scan
 
 # Rows the restore rewrites on purpose: the catalog is rebuilt from storage, later audit events
-# are re-inserted, and sessions are flushed.
-REWRITTEN = ("backups_backup", "portal_auditevent", "django_session")
+# are re-inserted, sessions are flushed, and the schedule's clock restarts from the restore (its
+# last runs, and the change stamp that makes beat re-read it).
+REWRITTEN = (
+    "backups_backup",
+    "portal_auditevent",
+    "django_session",
+    "django_celery_beat_periodictask",
+    "django_celery_beat_periodictasks",
+)
 
 
 pytestmark = pytest.mark.usefixtures("drop_tables_made_after_backup")

@@ -10,7 +10,8 @@ import re
 from pathlib import Path
 
 import dj_database_url
-from django.core.exceptions import ImproperlyConfigured
+from django.core.exceptions import ImproperlyConfigured, ValidationError
+from django.core.validators import validate_email
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -53,6 +54,18 @@ def envchoice(name: str, default: str, choices: tuple[str, ...]) -> str:
     if value.upper() not in choices:
         raise ImproperlyConfigured(f"{name} is {value!r}; set it to one of {', '.join(choices)}")
     return value.upper()
+
+
+def envemails(name: str) -> list[str]:
+    addresses = [a.strip() for a in envstr(name).split(",") if a.strip()]
+    for address in addresses:
+        try:
+            validate_email(address)
+        except ValidationError:
+            raise ImproperlyConfigured(
+                f"{name} holds {address!r}, not an email address; separate addresses with commas"
+            )
+    return addresses
 
 
 def envpath(name: str, default: str) -> Path:
@@ -150,6 +163,37 @@ BACKUP_S3_STORAGE_CLASS = envmatch(
     "or nothing to send none (some S3-compatible stores refuse any other than STANDARD)",
 )
 BACKUP_S3_RETENTION_DAYS = envint("BACKUP_S3_RETENTION_DAYS", str(BACKUP_RETENTION_DAYS), minimum=1, maximum=36500)
+# The nightly auto backup (the periodic task daily-auto-backup, 00:00 UTC unless edited in the
+# admin). Applied on migrate and when beat starts: false switches the task off; a change back to
+# true switches it on again once, after which the admin's switch stands.
+BACKUP_DAILY_ENABLED = envbool("BACKUP_DAILY_ENABLED", "true")
+BACKUP_ALERT_EMAILS = envemails("BACKUP_ALERT_EMAILS")
+# A monitor reads /admin/health with "Authorization: Bearer <token>": a restore signs every
+# session out, and the page matters most right then.
+BACKUP_HEALTH_TOKEN = envstr("BACKUP_HEALTH_TOKEN")
+if BACKUP_HEALTH_TOKEN and len(BACKUP_HEALTH_TOKEN) < 24:
+    raise ImproperlyConfigured(
+        "BACKUP_HEALTH_TOKEN is shorter than 24 characters; generate one with "
+        "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+    )
+
+# Alerts go out through Django's mail settings. Without EMAIL_HOST they are written to the log.
+EMAIL_HOST = envstr("EMAIL_HOST")
+EMAIL_PORT = envint("EMAIL_PORT", "25", minimum=1, maximum=65535)
+EMAIL_HOST_USER = envstr("EMAIL_HOST_USER")
+EMAIL_HOST_PASSWORD = envstr("EMAIL_HOST_PASSWORD")
+EMAIL_USE_TLS = envbool("EMAIL_USE_TLS", "false")
+EMAIL_USE_SSL = envbool("EMAIL_USE_SSL", "false")
+if EMAIL_USE_TLS and EMAIL_USE_SSL:
+    raise ImproperlyConfigured(
+        "EMAIL_USE_TLS and EMAIL_USE_SSL are both true; set one: TLS (STARTTLS, port 587) or SSL (port 465)"
+    )
+# A mail server that does not answer must not hold a worker for minutes.
+EMAIL_TIMEOUT = 10
+DEFAULT_FROM_EMAIL = envstr("DEFAULT_FROM_EMAIL", "trusca@localhost")
+EMAIL_BACKEND = (
+    "django.core.mail.backends.smtp.EmailBackend" if EMAIL_HOST else "django.core.mail.backends.console.EmailBackend"
+)
 
 try:
     DATABASES = {
@@ -273,8 +317,14 @@ LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "handlers": {"console": {"class": "logging.StreamHandler"}},
+    # The trusca loggers write through the root logger's handler, which Celery's worker and beat
+    # replace with their own (timestamped, to their log): one line each, in every process.
+    "root": {"handlers": ["console"], "level": "WARNING"},
     "loggers": {
-        "trusca": {"handlers": ["console"], "level": LOG_LEVEL},
+        "trusca": {"level": LOG_LEVEL},
+        # One line per backup outcome, the lines the manual's troubleshooting greps for: kept
+        # whatever LOG_LEVEL says.
+        "trusca.backups.outcome": {"level": "INFO"},
         # Server errors (500) with their traceback: without this Django only mails them to ADMINS.
         "django.request": {"handlers": ["console"], "level": "ERROR", "propagate": False},
     },

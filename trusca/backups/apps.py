@@ -3,6 +3,7 @@ import shutil
 
 from django.apps import AppConfig
 from django.core import checks
+from django.db.models.signals import post_migrate
 
 from trusca.backups.crypto import check_encryption
 
@@ -21,6 +22,16 @@ class BackupsConfig(AppConfig):
 
         checks.register(database.check_restricted_psql, "backups")
         checks.register(database.check_database_role, "backups", checks.Tags.database)
+        post_migrate.connect(create_schedule, sender=self)
+
+
+def create_schedule(using, **kwargs):
+    """The periodic tasks are data in django-celery-beat's tables that operators edit, so they
+    are created when missing after every migrate rather than by a data migration, which would run
+    once and never bring back a deleted one."""
+    from trusca.backups import schedule
+
+    schedule.ensure(using)
 
 
 def check_paths(app_configs=None, **kwargs):

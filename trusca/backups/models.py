@@ -43,3 +43,17 @@ class Backup(models.Model):
     @property
     def is_active(self) -> bool:
         return self.status in (self.Status.QUEUED, self.Status.RUNNING)
+
+
+class ScheduleSwitch(models.Model):
+    """The value of BACKUP_DAILY_ENABLED last applied to a periodic task. Remembering it lets a
+    change of the setting act once while an operator's switch in the admin otherwise stands. A
+    row of its own rather than a field of the periodic task, which the admin lets operators edit;
+    it lives in the backed-up database, so a restore brings back the pair that belonged together."""
+
+    task_name = models.CharField(max_length=200, unique=True)
+    enabled = models.BooleanField()
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return f"{self.task_name}: BACKUP_DAILY_ENABLED={'true' if self.enabled else 'false'} applied"

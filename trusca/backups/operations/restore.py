@@ -29,7 +29,7 @@ from django.core.cache import cache
 from django.db import connection, transaction
 from django.utils import timezone
 
-from trusca.backups import crypto, database, locks, maintenance, manifest, store, workspace
+from trusca.backups import crypto, database, locks, maintenance, manifest, schedule, store, workspace
 from trusca.backups.errors import Interrupted, OperationFailed
 from trusca.backups.models import Backup
 from trusca.backups.operations.backup import safety_backup
@@ -490,6 +490,7 @@ def _after_restore(journal: Journal) -> int:
         # Runs in progress when the backup was taken (its own row among them) are ghosts now.
         Backup.objects.filter(status__in=[Backup.Status.QUEUED, Backup.Status.RUNNING]).delete()
         catalog_sync()
+    schedule.after_restore()
     fault_point("before-audit")
     if AuditEvent._meta.db_table not in tables:
         return 0
