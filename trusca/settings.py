@@ -218,7 +218,15 @@ CACHE_URL = envstr("CACHE_URL")
 if CACHE_URL:
     if not CACHE_URL.startswith(("redis://", "rediss://", "unix://")):
         raise ImproperlyConfigured("CACHE_URL must be a redis:// URL")
-    CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": CACHE_URL}}
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": CACHE_URL,
+            # A Redis that is down or hung answers in seconds, not never: pages, the health check
+            # and the lock fail fast and say so.
+            "OPTIONS": {"socket_connect_timeout": 2, "socket_timeout": 5},
+        }
+    }
 else:
     # Restore progress and the maintenance flag must outlive the database being replaced and be
     # seen by every process on the host, so the default cache is on disk, not in memory.

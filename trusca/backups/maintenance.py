@@ -8,6 +8,7 @@ until the next start has finished or undone that restore.
 """
 
 import json
+import logging
 from pathlib import Path
 
 from django.conf import settings
@@ -15,6 +16,7 @@ from django.core.cache import cache
 from django.utils import timezone
 
 KEY = "trusca:maintenance"
+log = logging.getLogger("trusca.backups")
 RETRY_AFTER_SECONDS = 30
 # Static files need no database, and the 503 page uses them; the restore's status reads only
 # the cache, and the 503 page follows it.
@@ -40,7 +42,13 @@ def leave() -> None:
 
 
 def active() -> dict | None:
-    state = cache.get(KEY)
+    try:
+        state = cache.get(KEY)
+    except Exception:
+        # The cache (Redis) is away: the journal still tells whether a restore holds the portal,
+        # and the pages (the health page above all) can say what is wrong.
+        log.warning("the cache cannot be read for the maintenance flag; going by the restore journal alone")
+        state = None
     if state is not None:
         return state
     try:

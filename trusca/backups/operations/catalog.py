@@ -76,7 +76,9 @@ def backup_prune(*, now: datetime | None = None) -> list[str]:
     cutoff = now - timedelta(days=settings.BACKUP_RETENTION_DAYS)
     local = store.local()
     stored = local.list()
-    complete = [b for b in stored if b.manifest is not None]
+    # A copy the weekly re-verification found damaged is no backup to keep instead of the others.
+    damaged = set(Backup.objects.filter(status=Backup.Status.FAILED).values_list("name", flat=True))
+    complete = [b for b in stored if b.manifest is not None and b.name not in damaged]
     newest = complete[-1].name if complete else None
     removed = []
     for item in stored:
