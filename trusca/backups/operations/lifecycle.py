@@ -156,9 +156,14 @@ def interruptible(run: Run | None = None) -> Iterator[None]:
         if _shield["depth"]:
             _shield["pending"] = signum  # the shielded step finishes first
             return
-        for each in list(_runs):
-            each.interrupt(signum)
         children.kill_all()
+        if _runs:
+            # Cooperatively: every read and write of a run checks it, and its error paths turn
+            # the cancellation into Interrupted. Raised from here it could land inside a
+            # finalizer (a logging weakref callback, say), where Python drops it.
+            for each in list(_runs):
+                each.interrupt(signum)
+            return
         raise Interrupted(signum)
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
