@@ -34,6 +34,11 @@ PG_USER = os.environ.get("TRUSCA_BENCH_PGUSER", "postgres")
 SIZES = {
     "quarter": {"projects": 2, "scans": 5, "files": 750, "file_kb": 26, "findings": 43000, "audit_events": 2000},
     "full": {"projects": 8, "scans": 5, "files": 750, "file_kb": 26, "findings": 43000, "audit_events": 8000},
+    # The same ~1 GB database beside 68,000 small files (~750 MB): where walking the tree costs
+    # more than compressing it.
+    "many": {"projects": 8, "scans": 5, "files": 1700, "file_kb": 11, "findings": 43000, "audit_events": 8000},
+    # Three times "full": ~3 GB of database and ~2.4 GB of workspace in 90,000 files.
+    "triple": {"projects": 24, "scans": 5, "files": 750, "file_kb": 26, "findings": 43000, "audit_events": 24000},
 }
 
 MB = 1024 * 1024

@@ -100,15 +100,17 @@ def test_a_round_trip_brings_back_every_row_sequence_and_file(demo):
     assert live_state() == before
     assert "made_after_backup" not in connection.introspection.table_names()
     revision = json.loads((backup / "manifest.json").read_text())["db_revision"]
-    assert lines[-6:] == [
+    assert lines[-7:] == [
         "✓ database restored",
         "✓ workspace restored",
-        lines[-4],
+        lines[-5],
         "✓ portal back online",
+        lines[-3],
         f"✓ db revision matches manifest ({revision})",
         "Restore complete",
     ]
-    assert lines[-4].startswith("✓ sessions flushed, backup catalog rebuilt")
+    assert lines[-5].startswith("✓ sessions flushed, backup catalog rebuilt")
+    assert lines[-3].startswith("✓ safety backup → ") and lines[-3].endswith("(restore it to undo this restore)")
 
 
 def test_it_restores_from_a_bundle_and_by_name(demo):

@@ -21,6 +21,8 @@ pytestmark = pytest.mark.usefixtures("drop_tables_made_after_backup")
 # Where the restore is killed, and what the next start must make of it.
 BEFORE_COMMIT = ["after-staging"]
 AFTER_COMMIT = ["after-commit", "mid-swap", "after-swap", "before-audit"]
+# With the portal back online: the safety backup is being finished from the replaced workspace.
+ONLINE = ["safety-archived", "before-cleanup"]
 
 
 def restore_killed_at(point: str, backup, *extra) -> subprocess.CompletedProcess:
@@ -46,12 +48,15 @@ def scene(demo):
     return backup, at_backup, live_state()
 
 
-@pytest.mark.parametrize("point", BEFORE_COMMIT + AFTER_COMMIT)
+@pytest.mark.parametrize("point", BEFORE_COMMIT + AFTER_COMMIT + ONLINE)
 def test_a_killed_restore_is_finished_or_undone_by_the_next_command(scene, point):
     backup, at_backup, before = scene
     killed = restore_killed_at(point, backup)
     assert killed.returncode == -9, killed.stdout + killed.stderr
-    assert maintenance.active() is not None, "the journal keeps the portal closed until the next start"
+    if point in ONLINE:
+        assert maintenance.active() is None and maintenance.journal_path().exists()
+    else:
+        assert maintenance.active() is not None, "the journal keeps the portal closed until the next start"
 
     lines = run("verify_backup", str(backup))  # any command: it sweeps first
 
@@ -68,14 +73,19 @@ def test_a_killed_restore_is_finished_or_undone_by_the_next_command(scene, point
         assert any("finished the interrupted restore" in line for line in lines)
         assert AuditEvent.objects.filter(action="backup.restored", target=backup.name).count() == 1
         assert Backup.objects.filter(name=backup.name).exists()
+        # The safety backup holds the state the restore replaced, whole and restorable.
+        [safety] = Backup.objects.filter(name__startswith="pre-restore-")
+        assert safety.status == "succeeded"
+        run("verify_backup", safety.name)
 
 
 def test_a_restore_killed_after_its_commit_is_finished_by_resume(scene):
     backup, at_backup, _before = scene
     assert restore_killed_at("mid-swap", backup).returncode == -9
     lines = run("restore", "--resume")
-    assert lines == ["✓ workspace restored", lines[1], "✓ portal back online", lines[3]]
-    assert lines[3].startswith("✓ finished the interrupted restore")
+    assert lines == ["✓ workspace restored", lines[1], "✓ portal back online", lines[3], lines[4]]
+    assert lines[3].startswith("✓ safety backup → ")
+    assert lines[4].startswith("✓ finished the interrupted restore")
     assert live_state() == at_backup
     assert run("restore", "--resume") == ["No interrupted restore to finish (or it is still running)."]
 
@@ -91,11 +101,12 @@ def test_finishing_twice_keeps_the_audit_events_once(scene):
     assert live_state() == at_backup
 
 
-def test_the_safety_backup_is_taken_in_maintenance_mode_and_kept_by_a_crash(scene):
+def test_the_safety_copy_of_a_restore_undone_before_its_commit_is_dropped(scene):
     backup, _at_backup, before = scene
     killed = restore_killed_at("after-staging", backup)
     assert killed.returncode == -9
     call_command("backup", "--no-prune", stdout=open("/dev/null", "w"))
-    safety = [b for b in Backup.objects.all() if b.name.startswith("pre-restore-")]
-    assert [b.status for b in safety] == ["succeeded"]
+    [safety] = [b for b in Backup.objects.all() if b.name.startswith("pre-restore-")]
+    assert safety.status == "failed" and safety.message.startswith("not needed")
+    assert not (settings.BACKUP_ROOT / safety.name).exists()
     assert live_state()[0] == before[0]

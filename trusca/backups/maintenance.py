@@ -57,6 +57,8 @@ def active() -> dict | None:
         return None
     except (OSError, ValueError):
         journal = {}
+    if journal.get("holds_maintenance") is False:
+        return None  # the portal is back online; the restore only finishes its safety backup
     return {
         "reason": f"A restore from {journal.get('source', 'a backup')} is being finished",
         "since": journal.get("started", ""),

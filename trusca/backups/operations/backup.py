@@ -87,9 +87,12 @@ def _new_running_row(*, name: str, when: datetime, kind: str, actor: str) -> Bac
 
 def safety_backup(*, run: Run, actor: str, reporter: Reporter) -> Backup:
     """The restore's backup of the live state, under the restore's own lock and run."""
+    return _run_backup(safety_row(actor=actor), run, reporter=reporter).backup
+
+
+def safety_row(*, actor: str) -> Backup:
     name, when = _free_name(Backup.Kind.PRE_RESTORE, timezone.now().replace(microsecond=0))
-    row = _new_running_row(name=name, when=when, kind=Backup.Kind.PRE_RESTORE, actor=actor)
-    return _run_backup(row, run, reporter=reporter).backup
+    return _new_running_row(name=name, when=when, kind=Backup.Kind.PRE_RESTORE, actor=actor)
 
 
 def backup_enqueue(*, kind: str, actor: str, send: Callable[[int], None], request=None) -> Backup:
@@ -165,11 +168,7 @@ def _run_backup(row: Backup, run: Run, *, reporter: Reporter) -> BackupOutcome:
             reporter.progress(counter.done, counter.total)
 
         def write(member: str, produce) -> manifest.FileEntry:
-            with MemberWriter(
-                local.open_write(name, member), name=member, encrypt=keys, checkpoint=run.checkpoint
-            ) as out:
-                produce(out, progress=counter.add)
-            return out.entry
+            return write_member(name, member, produce, keys=keys, run=run, progress=counter.add)
 
         with ticking(beat):
             # The database and the workspace are compressed at the same time, one per core.
@@ -186,18 +185,14 @@ def _run_backup(row: Backup, run: Run, *, reporter: Reporter) -> BackupOutcome:
             finally:
                 dumper.join(reraise=False)
             dumper.join()
-        document = manifest.Manifest(
-            timestamp=row.created_at,
+        document = describe(
             kind=row.kind,
-            engine=database.engine(),
-            db_revision=manifest.db_revision(applied),
-            migrations=manifest.latest_per_app(applied),
+            created_at=row.created_at,
+            applied=applied,
             db_size=db_size,
-            workspace_path=str(ws_root),
-            app_version=trusca.__version__,
             files={dump_name: dumper.result, manifest.WORKSPACE_ARCHIVE + suffix: archived},
-            encryption=keys.describe() if keys else None,
-        ).signed()
+            keys=keys,
+        )
         data = document.to_json()
         local.publish(name, data)
     except BaseException as exc:
@@ -209,6 +204,36 @@ def _run_backup(row: Backup, run: Run, *, reporter: Reporter) -> BackupOutcome:
         if interrupted:
             raise
         raise BackupFailed(f"{message}; the partial backup was removed") from exc
+    return _succeeded(row, document, data)
+
+
+def write_member(name: str, member: str, produce, *, keys, run: Run, progress) -> manifest.FileEntry:
+    """One archive of the unpublished backup ``name``: ``produce(out, progress=…)`` writes it
+    uncompressed; it is compressed, encrypted when keys are set, and hashed on its way."""
+    upload = store.local().open_write(name, member)
+    with MemberWriter(upload, name=member, encrypt=keys, checkpoint=run.checkpoint) as out:
+        produce(out, progress=progress)
+    return out.entry
+
+
+def describe(*, kind: str, created_at, applied, db_size: int, files: dict, keys) -> manifest.Manifest:
+    """The signed manifest of a backup holding ``files``."""
+    return manifest.Manifest(
+        timestamp=created_at,
+        kind=kind,
+        engine=database.engine(),
+        db_revision=manifest.db_revision(applied),
+        migrations=manifest.latest_per_app(applied),
+        db_size=db_size,
+        workspace_path=str(settings.WORKSPACE_HOST_PATH),
+        app_version=trusca.__version__,
+        files=files,
+        encryption=keys.describe() if keys else None,
+    ).signed()
+
+
+def _succeeded(row: Backup, document: manifest.Manifest, data: bytes) -> BackupOutcome:
+    name = row.name
     files = {member: entry.size for member, entry in document.files.items()} | {manifest.MANIFEST: len(data)}
     Backup.objects.filter(pk=row.pk).update(
         status=Backup.Status.SUCCEEDED,

@@ -30,8 +30,9 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from trusca.backups import crypto, database, locks, maintenance, manifest, schedule, store, workspace
-from trusca.backups.errors import Interrupted, OperationFailed
+from trusca.backups.errors import Interrupted, NotFound, OperationFailed
 from trusca.backups.models import Backup
+from trusca.backups.operations import safety
 from trusca.backups.operations.backup import safety_backup
 from trusca.backups.operations.catalog import catalog_sync
 from trusca.backups.operations.lifecycle import (
@@ -46,9 +47,9 @@ from trusca.backups.operations.lifecycle import (
     ticking,
 )
 from trusca.backups.operations.sources import Source, SourceError, decryption_keys, open_source
-from trusca.backups.operations.verify import VerifyFailed, backup_verify
+from trusca.backups.operations.verify import VerifyFailed, backup_verify, check_trust, read_manifest
 from trusca.backups.progress import Counter, Reporter
-from trusca.backups.streams import IntegrityError, MemberReader
+from trusca.backups.streams import IntegrityError, MemberReader, check_stored
 from trusca.portal import audit
 from trusca.portal.models import AuditEvent
 
@@ -74,7 +75,7 @@ class RestorePlan:
     live_revision: str
     behind: list[str]
     workspace_path: Path
-    members: int
+    members: int | None  # counted in preflight only when the backup was verified whole first
     keys: crypto.DecryptionKeys | None = field(default=None, repr=False)
 
     @property
@@ -92,6 +93,7 @@ class RestoreOutcome:
     safety_backup: str | None
     revision_after: str
     audit_events_kept: int
+    safety_pending: bool = False
 
 
 # Preflight -------------------------------------------------------------------------------------
@@ -120,14 +122,23 @@ def restore_prepare(
 def _preflight(
     src: Source, *, keys: crypto.DecryptionKeys | None, trust_unsigned: bool, safety_backup: bool
 ) -> RestorePlan:
-    report = backup_verify(src, keys=keys, trust_unsigned=trust_unsigned)
-    if report.unchecked:
-        raise RestoreRefused(
-            f"this backup is encrypted ({', '.join(report.unchecked)}) and no key given opens it: set "
-            "BACKUP_ENCRYPTION_PASSPHRASE to the passphrase it was made with, or give the private key "
-            "(--decryption-key). Nothing was changed."
-        )
-    document = report.manifest
+    """What must hold before anything starts. A backup signed with this installation's key has
+    every file's size and sha256 vouched for: preflight checks the signature, the stored bytes'
+    hashes (one cheap read, which catches a damaged copy before the portal goes down), the keys,
+    the migrations and the free space; decompressing and checking every member happens once,
+    while the load and the staging read them, and the database commits only if it all held. A
+    backup trusted with --trust-unsigned has sizes no key vouches for: it is verified whole first."""
+    document = read_manifest(src)
+    state = check_trust(document, trust_unsigned=trust_unsigned)
+    if not manifest.trusted(state) or any(entry.uncompressed_size is None for entry in document.files.values()):
+        report = backup_verify(src, keys=keys, trust_unsigned=trust_unsigned)
+        if report.unchecked:
+            _refuse_encrypted(report.unchecked)
+        uncompressed, members = report.uncompressed, report.members
+    else:
+        _check_stored(src, document, keys=keys)
+        uncompressed = {name: entry.uncompressed_size for name, entry in document.files.items()}
+        members = None
     if document.engine != database.engine():
         raise RestoreRefused(
             f"this backup holds a {document.engine} database but the portal runs on {database.engine()}. "
@@ -140,20 +151,47 @@ def _preflight(
             f"({', '.join(unknown)}). Deploy TRUSCA {document.app_version} or newer, then restore again. "
             "Nothing was changed."
         )
-    _check_free_space(document, report, safety_backup=safety_backup)
+    _check_free_space(document, uncompressed, members, safety_backup=safety_backup)
     return RestorePlan(
         source=src,
         manifest=document,
-        signature=report.signature,
+        signature=state,
         live_revision=manifest.live_revision(),
         behind=behind,
         workspace_path=settings.WORKSPACE_HOST_PATH,
-        members=report.members,
+        members=members,
         keys=keys,
     )
 
 
-def _check_free_space(document: manifest.Manifest, report, *, safety_backup: bool) -> None:
+def _check_stored(src: Source, document: manifest.Manifest, *, keys: crypto.DecryptionKeys | None) -> None:
+    for name, entry in document.files.items():
+        try:
+            if src.encrypted(name):
+                if keys is None:
+                    _refuse_encrypted([name])
+                with src.reader(name, entry, keys=keys) as reader:
+                    reader.read(1)  # the keys open it: a wrong one is refused now, not after the safety backup
+            if not name.endswith(manifest.ENCRYPTED_SUFFIX) and src.encrypted(name):
+                continue  # encrypted by hand: the manifest's hashes are of the plaintext, checked as it loads
+            check_stored(src.store.open_read(src.name, name), name, entry)
+        except NotFound:
+            raise RestoreRefused(f"{name} is missing. Nothing was changed.") from None
+        except (IntegrityError, crypto.EncryptionError) as exc:
+            raise RestoreRefused(f"{exc}. Nothing was changed.") from None
+
+
+def _refuse_encrypted(names: list[str]) -> None:
+    raise RestoreRefused(
+        f"this backup is encrypted ({', '.join(names)}) and no key given opens it: set "
+        "BACKUP_ENCRYPTION_PASSPHRASE to the passphrase it was made with, or give the private key "
+        "(--decryption-key). Nothing was changed."
+    )
+
+
+def _check_free_space(
+    document: manifest.Manifest, uncompressed: dict[str, int], members: int | None, *, safety_backup: bool
+) -> None:
     """Staging must fit beside the live state, which stays whole until the swap."""
     needs: dict[Path, int] = {}
 
@@ -163,10 +201,12 @@ def _check_free_space(document: manifest.Manifest, report, *, safety_backup: boo
         needs[directory] = needs.get(directory, 0) + size
 
     if document.workspace:
-        size = report.uncompressed[document.workspace] + report.members * BLOCK_OVERHEAD
+        size = uncompressed[document.workspace]
+        # Each file takes whole blocks: counted when the members are known, estimated otherwise.
+        size += members * BLOCK_OVERHEAD if members is not None else size // 4
         need(settings.WORKSPACE_HOST_PATH.parent, size)
     if document.engine == "sqlite":
-        need(Path(settings.DATABASES["default"]["NAME"]).parent, report.uncompressed[document.dump])
+        need(Path(settings.DATABASES["default"]["NAME"]).parent, uncompressed[document.dump])
     if safety_backup:
         latest = Backup.objects.filter(status=Backup.Status.SUCCEEDED).order_by("-created_at").first()
         need(settings.BACKUP_ROOT, latest.size_bytes if latest else sum(e.size for e in document.files.values()))
@@ -296,6 +336,8 @@ def restore_run(
             "old": str(live.with_name(f".{live.name}.restore-old")),
             "has_workspace": plan.has_workspace,
             "safety_backup": None,
+            "safety": None,
+            "holds_maintenance": True,
             "events": [],
         }
     )
@@ -307,16 +349,26 @@ def restore_run(
             maintenance.enter(f"Restoring the backup {plan.source.label}")
             reporter.step("maintenance mode on (the web answers 503, workers hold other work)")
             try:
-                safety = _take_safety_backup(run, actor, status, reporter) if safety_backup else None
+                copy = None
+                if safety_backup and plan.has_workspace:
+                    # Taken while the new workspace stages: the database now, the workspace it
+                    # replaces once the portal is back online (see operations/safety.py).
+                    copy = safety.begin(actor=actor)
+                    journal.write(safety=copy.journal())
+                elif safety_backup:
+                    journal.write(safety_backup=_take_safety_backup(run, actor, status, reporter))
                 # Audit events are the one record that must outlive the restore: keep those the
-                # backup predates, the safety backup's own included. Nothing else writes now.
+                # backup predates. Nothing else writes now.
                 events = [_event_record(e) for e in AuditEvent.objects.filter(timestamp__gt=plan.taken_at)]
-                journal.write(state="prepared", safety_backup=safety, events=events)
-                _load(plan, run, journal, status, reporter)
+                journal.write(state="prepared", events=events)
+                _load(plan, run, journal, status, reporter, copy)
             except BaseException as exc:
                 _roll_back(journal, status, exc)
                 run.raise_if_interrupted()
                 if isinstance(exc, database.TransactionEndedEarly):
+                    if copy is not None and copy.dump:
+                        # The workspace was not replaced: the safety backup is finished from it.
+                        safety.finish(copy, journal.live, run=run, reporter=reporter)
                     undo = journal.data["safety_backup"] or "an earlier backup"
                     raise RestoreFailed(
                         f"{exc}. The portal stays in maintenance mode: restore {undo} to bring back a whole state"
@@ -327,8 +379,24 @@ def restore_run(
         with shielded():
             kept = _roll_forward(journal, reporter)
         status.finish()
+        safety_pending = False
+        try:
+            with interruptible(run):
+                _finish(journal, run, reporter)
+        except (Interrupted, Cancelled):
+            # The restore is complete; only its safety backup waits, for the next start.
+            safety_pending = True
+            reporter.step(
+                "safety backup interrupted: the next command, worker or web start finishes it "
+                "(or manage.py restore --resume)",
+                ok=False,
+            )
         return RestoreOutcome(
-            plan=plan, safety_backup=safety, revision_after=manifest.live_revision(), audit_events_kept=kept
+            plan=plan,
+            safety_backup=journal.data["safety_backup"],
+            revision_after=manifest.live_revision(),
+            audit_events_kept=kept,
+            safety_pending=safety_pending,
         )
     finally:
         lock.release()
@@ -353,11 +421,19 @@ def _event_record(event: AuditEvent) -> dict:
     }
 
 
-def _load(plan: RestorePlan, run: Run, journal: Journal, status: "_Status", reporter: Reporter) -> None:
-    """Stage the workspace while the database loads (one core each); the database commits only
-    once the workspace is staged whole and every byte read matched the manifest."""
+def _load(
+    plan: RestorePlan,
+    run: Run,
+    journal: Journal,
+    status: "_Status",
+    reporter: Reporter,
+    copy: safety.SafetyCopy | None,
+) -> None:
+    """Stage the workspace while the safety copy dumps the live database and then while the
+    database loads; the database commits only once the workspace is staged whole and every byte
+    read matched the manifest."""
     src, document = plan.source, plan.manifest
-    counter = Counter(sum(entry.size for entry in document.files.values()))
+    counter = Counter(sum(entry.size for entry in document.files.values()) + (database.size() if copy else 0))
     reporter.phase("restoring")
 
     def beat() -> None:
@@ -383,6 +459,18 @@ def _load(plan: RestorePlan, run: Run, journal: Journal, status: "_Status", repo
         if plan.has_workspace:
             shutil.rmtree(journal.staging, ignore_errors=True)  # left by an undone restore
             staging = Background(run, stage)
+        if copy is not None:
+            status.set("safety backup of the database", counter.percent)
+            try:
+                safety.dump_database(copy, run=run, progress=counter.add)
+            except BaseException:
+                if staging is not None:
+                    run.cancel("the safety backup stopped")
+                    staging.join(reraise=False)
+                run.raise_cause()
+                raise
+            journal.write(safety=copy.journal(), safety_backup=copy.name)
+            reporter.step(f"safety backup of the database → {copy.name} (its workspace follows once online)")
         status.set("restoring the database", counter.percent)
 
         def before_commit() -> None:
@@ -433,6 +521,8 @@ def _roll_back(journal: Journal, status: "_Status", exc: BaseException) -> None:
         outcomes.error("backup.restore_failed %s: %s", journal.data["source"], exc)
         return
     shutil.rmtree(journal.staging, ignore_errors=True)
+    if journal.data.get("safety"):
+        safety.drop(safety.SafetyCopy(**journal.data["safety"]))
     maintenance.leave()
     journal.remove()
     message = reason(exc)
@@ -448,9 +538,11 @@ def _roll_back(journal: Journal, status: "_Status", exc: BaseException) -> None:
 
 
 def _roll_forward(journal: Journal, reporter: Reporter | None = None) -> int:
-    """After the commit: finish whatever was not done yet. Every step is idempotent, so a
-    restore killed in the middle of this is finished by running it again."""
+    """After the commit: finish whatever was not done yet, up to the portal back online. Every
+    step is idempotent, so a restore killed in the middle of this is finished by running it again."""
     reporter = reporter or Reporter()
+    if journal.state == "online":
+        return len(journal.data["events"])
     if journal.data["has_workspace"]:
         _swap_in(journal)
         reporter.step("workspace restored")
@@ -458,13 +550,25 @@ def _roll_forward(journal: Journal, reporter: Reporter | None = None) -> int:
         reporter.step(f"workspace left as it is: the backup holds no {manifest.WORKSPACE_ARCHIVE}", ok=False)
     fault_point("after-swap")
     kept = _after_restore(journal)
-    shutil.rmtree(journal.old, ignore_errors=True)
     reporter.step(f"sessions flushed, backup catalog rebuilt, {kept} later audit events kept")
+    journal.write(state="online", holds_maintenance=False)
     maintenance.leave()
-    journal.remove()
     reporter.step("portal back online")
     outcomes.info("backup.restored %s (taken %s)", journal.data["source"], journal.data["taken_at"])
     return kept
+
+
+def _finish(journal: Journal, run: Run, reporter: Reporter | None = None) -> None:
+    """With the portal online: the replaced workspace goes into the safety backup (or away)."""
+    reporter = reporter or Reporter()
+    if journal.data.get("safety") and journal.data["has_workspace"]:
+        copy = safety.SafetyCopy(**journal.data["safety"])
+        if journal.old.exists() or store.local().path(copy.name).exists():
+            safety.finish(copy, journal.old, run=run, reporter=reporter)
+            reporter.step(f"safety backup → {store.local().path(copy.name)} (restore it to undo this restore)")
+    fault_point("before-cleanup")
+    shutil.rmtree(journal.old, ignore_errors=True)
+    journal.remove()
 
 
 def _swap_in(journal: Journal) -> None:
@@ -472,7 +576,7 @@ def _swap_in(journal: Journal) -> None:
     if not staging.exists():
         return  # swapped already
     if live.exists():
-        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)  # an earlier restore's, finished long ago
         os.rename(live, old)
         fault_point("mid-swap")
     os.rename(staging, live)
@@ -532,9 +636,12 @@ def restore_recover(*, reporter: Reporter | None = None) -> str | None:
     try:
         if journal.state == "damaged":
             return f"the restore from {journal.data['source']} left the database damaged: {journal.data.get('error')}"
-        committed = journal.state == "committed" or (journal.state == "committing" and database.committed(journal.id))
+        committed = journal.state in ("committed", "online") or (
+            journal.state == "committing" and database.committed(journal.id)
+        )
         if committed:
             _roll_forward(journal, reporter)
+            _finish(journal, Run(lock), reporter)
             return f"finished the interrupted restore from {journal.data['source']}"
         _roll_back(journal, _Status(journal.data["source"]), RestoreFailed("the restore's process died"))
         return f"undid the interrupted restore from {journal.data['source']}: nothing was changed"
