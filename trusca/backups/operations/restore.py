@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import NoReturn
 
 from django.conf import settings
 from django.contrib.sessions.models import Session
@@ -106,21 +107,26 @@ def restore_prepare(
     keys: crypto.DecryptionKeys | None = None,
     trust_unsigned: bool = False,
     safety_backup: bool = True,
+    thorough: bool = False,
 ) -> Iterator[RestorePlan]:
     """Preflight, touching nothing live. Yields the plan to show the operator. ``keys`` open an
-    encrypted backup (by default the installation's BACKUP_ENCRYPTION_PASSPHRASE)."""
+    encrypted backup (by default the installation's BACKUP_ENCRYPTION_PASSPHRASE). A bundle (a
+    file or an upload, from elsewhere) is verified whole even when signed, as is any backup with
+    ``thorough``."""
     keys = keys or decryption_keys()
     with contextlib.ExitStack() as stack:
         try:
             src = stack.enter_context(open_source(source, keys=keys))
-            plan = _preflight(src, keys=keys, trust_unsigned=trust_unsigned, safety_backup=safety_backup)
+            plan = _preflight(
+                src, keys=keys, trust_unsigned=trust_unsigned, safety_backup=safety_backup, thorough=thorough
+            )
         except (VerifyFailed, SourceError, crypto.EncryptionError) as exc:
             raise RestoreRefused(f"{exc}. Nothing was changed.") from None
         yield plan
 
 
 def _preflight(
-    src: Source, *, keys: crypto.DecryptionKeys | None, trust_unsigned: bool, safety_backup: bool
+    src: Source, *, keys: crypto.DecryptionKeys | None, trust_unsigned: bool, safety_backup: bool, thorough: bool
 ) -> RestorePlan:
     """What must hold before anything starts. A backup signed with this installation's key has
     every file's size and sha256 vouched for: preflight checks the signature, the stored bytes'
@@ -130,7 +136,8 @@ def _preflight(
     backup trusted with --trust-unsigned has sizes no key vouches for: it is verified whole first."""
     document = read_manifest(src)
     state = check_trust(document, trust_unsigned=trust_unsigned)
-    if not manifest.trusted(state) or any(entry.uncompressed_size is None for entry in document.files.values()):
+    sizes_known = all(entry.uncompressed_size is not None for entry in document.files.values())
+    if thorough or src.unpacked or not manifest.trusted(state) or not sizes_known:
         report = backup_verify(src, keys=keys, trust_unsigned=trust_unsigned)
         if report.unchecked:
             _refuse_encrypted(report.unchecked)
@@ -463,12 +470,8 @@ def _load(
             status.set("safety backup of the database", counter.percent)
             try:
                 safety.dump_database(copy, run=run, progress=counter.add)
-            except BaseException:
-                if staging is not None:
-                    run.cancel("the safety backup stopped")
-                    staging.join(reraise=False)
-                run.raise_cause()
-                raise
+            except BaseException as exc:
+                _stop(run, staging, exc, "the safety backup of the database")
             journal.write(safety=copy.journal(), safety_backup=copy.name)
             reporter.step(f"safety backup of the database → {copy.name} (its workspace follows once online)")
         status.set("restoring the database", counter.percent)
@@ -485,29 +488,30 @@ def _load(
             with reader(document.dump) as dump:
                 database.restore(dump, marker=journal.id, before_commit=before_commit)
         except BaseException as exc:
-            if staging is not None:
-                run.cancel("the database load stopped", cause=exc)  # the staging thread stops too
-                staging.join(reraise=False)
-            recoverable = Cancelled | IntegrityError | workspace.WorkspaceError | OSError | crypto.EncryptionError
-            if not isinstance(exc, recoverable) and not (
-                isinstance(exc, database.DatabaseError) and not isinstance(exc, database.TransactionEndedEarly)
-            ):
-                raise
-            if isinstance(exc, Cancelled) and run.cause is not None:
-                exc = run.cause
-            staged = staging is not None and exc is staging.error
-            what = (
-                "staging the workspace"
-                if staged or isinstance(exc, workspace.WorkspaceError)
-                else "restoring the database"
-            )
-            raise RestoreFailed(
-                f"{what} failed: {reason(exc)}. The database was rolled back: the database and the workspace are "
-                "unchanged"
-            ) from None
+            _stop(run, staging, exc, "restoring the database")
     journal.write(state="committed")
     fault_point("after-commit")
     reporter.step("database restored")
+
+
+def _stop(run: Run, staging: Background | None, exc: BaseException, doing: str) -> NoReturn:
+    """A failure before the commit: stop the staging too, and say which part failed and that
+    nothing changed (the database is rolled back or was never touched)."""
+    if staging is not None:
+        run.cancel(f"{doing} stopped", cause=exc)
+        staging.join(reraise=False)
+    recoverable = Cancelled | IntegrityError | workspace.WorkspaceError | OSError | crypto.EncryptionError
+    if not isinstance(exc, recoverable) and not (
+        isinstance(exc, database.DatabaseError) and not isinstance(exc, database.TransactionEndedEarly)
+    ):
+        raise exc
+    if isinstance(exc, Cancelled) and run.cause is not None:
+        exc = run.cause
+    if (staging is not None and exc is staging.error) or isinstance(exc, workspace.WorkspaceError):
+        doing = "staging the workspace"
+    raise RestoreFailed(
+        f"{doing} failed: {reason(exc)}. The database was rolled back: the database and the workspace are unchanged"
+    ) from None
 
 
 def _roll_back(journal: Journal, status: "_Status", exc: BaseException) -> None:

@@ -236,10 +236,10 @@ def _reserved(what: str) -> Iterator[_Reservation]:
 
 
 @contextlib.contextmanager
-def prepared(source: str, *, trust_unsigned: bool) -> Iterator[RestorePlan]:
+def prepared(source: str, *, trust_unsigned: bool, thorough: bool = False) -> Iterator[RestorePlan]:
     """``manage.py restore``'s preflight (``RestoreRefused`` in its words), and the second
     confirmation for a backup no key of this installation vouches for."""
-    with restore_prepare(source=source, trust_unsigned=True) as plan:
+    with restore_prepare(source=source, trust_unsigned=True, thorough=thorough) as plan:
         if not manifest.trusted(plan.signature) and not trust_unsigned:
             raise RestoreUntrusted(
                 f"its manifest is {plan.signature}: this installation's BACKUP_SIGNING_KEY does not vouch for it, and "
@@ -344,7 +344,7 @@ def restore_upload(
             with unpacking(body, label=label) as src:
                 with (
                     ticking(reservation.run.heartbeat),
-                    prepared(str(src.store.path(src.name)), trust_unsigned=trust_unsigned) as plan,
+                    prepared(str(src.store.path(src.name)), trust_unsigned=trust_unsigned, thorough=True) as plan,
                 ):
                     taken_at, signature = plan.taken_at, plan.signature
                 name = _publish(src.store.path(src.name))

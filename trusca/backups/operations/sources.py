@@ -26,6 +26,7 @@ class Source:
     store: store.Store
     name: str  # in the store
     label: str  # as the operator gave it, for messages
+    unpacked: bool = False  # from a bundle (a file, an upload): arrived from elsewhere
 
     def reader(self, member: str, entry, *, keys: crypto.DecryptionKeys | None, **options) -> MemberReader:
         """A member's content. An archive the manifest lists that was encrypted by hand, the
@@ -157,7 +158,7 @@ def unpacking(stream, *, label: str, keys: crypto.DecryptionKeys | None = None) 
                 while stream.read(1 << 20):
                     pass
         scratch.publish("bundle", manifest_bytes)
-        yield Source(scratch, "bundle", label)
+        yield Source(scratch, "bundle", label, unpacked=True)
     finally:
         local.remove_partial(suffix)
 

@@ -1,5 +1,6 @@
 import getpass
 import sys
+import time
 
 from django.core.management.base import CommandError
 from django.utils import timezone
@@ -11,13 +12,21 @@ from trusca.backups.terminal import LiveLine, display_path
 
 
 class StepLines(LiveLine):
-    def __init__(self, command):
+    """The ✓ lines; with -v 2, each also says how long it took since the one before (where a
+    restore spends its time, for operators and benchmarks/restore_bench.py)."""
+
+    def __init__(self, command, *, timed: bool = False):
         super().__init__(label="restoring")
         self.command = command
+        self.timed = timed
+        self._last = time.monotonic()
 
     def step(self, text: str, ok: bool = True) -> None:
         self.clear()
-        self.command.stdout.write(f"{'✓' if ok else '!'} {text}")
+        now = time.monotonic()
+        took = f" [{now - self._last:.2f} s]" if self.timed else ""
+        self._last = now
+        self.command.stdout.write(f"{'✓' if ok else '!'} {text}{took}")
 
 
 class Command(OperationCommand):
@@ -59,6 +68,7 @@ class Command(OperationCommand):
             return
         if not source:
             raise CommandError("name the backup to restore: manage.py restore SOURCE (see --help)")
+        reporter = StepLines(self, timed=options["verbosity"] >= 2)
         try:
             with operations.restore_prepare(
                 source=source,
@@ -66,11 +76,16 @@ class Command(OperationCommand):
                 trust_unsigned=trust_unsigned,
                 safety_backup=not no_safety_backup,
             ) as plan:
-                self.stdout.write("✓ preflight: manifest, signature, checksums, archives and every workspace member")
+                if plan.members is None:
+                    reporter.step(
+                        "preflight: signature, checksums, keys, migrations and free space "
+                        "(every archive and member is checked again as it loads)"
+                    )
+                else:
+                    reporter.step("preflight: manifest, signature, checksums, archives and every workspace member")
                 self._describe(plan)
                 if not yes:
                     self._confirm()
-                reporter = StepLines(self)
                 try:
                     outcome = operations.restore_run(
                         plan=plan,
