@@ -489,7 +489,8 @@ def test_progress_moves_inside_a_large_file(tmp_path):
     calls = []
     sink = Sink()
     workspace.archive(source, sink, progress=calls.append)
-    assert sum(calls) == size == workspace.measure(source)
+    # Progress counts the tar stream as it flows: the file's bytes, its header and padding.
+    assert size == workspace.measure(source) <= sum(calls) == len(sink.data) <= size + 64 * 1024
     assert len(calls) >= 40 and max(calls) <= 2 * 1024 * 1024
     assert len(sink.data) % 10240 == 0
     target = extracted(bytes(sink.data), tmp_path / "ws")

@@ -15,20 +15,22 @@ archive is refused if one leaves the target or loops. check() builds the same mo
 writing, so verify refuses exactly what restore refuses.
 """
 
-import grp
+import logging
 import os
-import pwd
-import stat
-import tarfile
+import shutil
+import subprocess
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from trusca.backups import children
+
 Progress = Callable[[int], None]
 
 CHUNK = 1024 * 1024
+log = logging.getLogger("trusca.backups")
 BLOCK = 512
-RECORD = 20 * BLOCK  # what tar pads an archive to
 # The kernel gives up on a path after following 40 links (MAXSYMLINKS): a link that needs more
 # is broken wherever it lives, and refusing it bounds the work of resolving links.
 MAX_LINKS = 40
@@ -82,121 +84,88 @@ def measure(root: Path) -> int:
 
 
 def archive(root: Path, out: BinaryIO, *, progress: Progress) -> None:
-    """Write root's tree to out as an uncompressed tar (PAX where ustar falls short). Files are
-    copied in CHUNK pieces and progress counts them as they are read. Errors writing to out
-    propagate as themselves; errors reading the workspace are WorkspaceErrors naming the path."""
+    """Write root's tree to out as an uncompressed tar; progress counts the bytes as they flow.
+
+    GNU tar writes the stream, fed the names to archive by our walk: the walk decides what goes
+    in (directories, regular files and links; no sockets, fifos or devices, nothing deeper than a
+    restore accepts), tar reads and frames it. Measured on 30,000 files (833 MB, page cache
+    warm): 1.1-1.4 s and 0.75 s of CPU, against 2.5-3.7 s and 1.2 s of CPU for the same walk
+    with Python reading each file and encoding its header, CPU that the compressor's threads
+    need on two cores. Errors writing to out propagate as themselves (tar is killed); errors
+    reading the workspace are WorkspaceErrors naming the path."""
     if not root.is_dir():
         raise WorkspaceError(f"the workspace directory {root} does not exist or is not a directory")
-    owners = _Owners()
-    first_names: dict[tuple[int, int], str] = {}
-    written = 0
-    for entry, arcname in _walk(root):
-        if entry.is_file(follow_symlinks=False):
-            written += _archive_file(entry.path, arcname, out, owners, first_names, progress)
-            continue
-        try:
-            st = entry.stat(follow_symlinks=False)
-            linkname = os.readlink(entry.path) if stat.S_ISLNK(st.st_mode) else ""
-        except OSError as exc:
-            raise WorkspaceError(f"cannot read {entry.path}: {exc.strerror}") from None
-        if stat.S_ISDIR(st.st_mode):
-            info = owners.info(arcname, st, tarfile.DIRTYPE)
-        elif stat.S_ISLNK(st.st_mode):
-            info = owners.info(arcname, st, tarfile.SYMTYPE)
-            info.linkname = linkname
-        else:
-            continue  # sockets, fifos and devices are not workspace data
-        header = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
-        out.write(header)
-        written += len(header)
-    end = 2 * BLOCK + (-(written + 2 * BLOCK)) % RECORD
-    out.write(bytes(end))
-
-
-def _archive_file(path: str, arcname: str, out: BinaryIO, owners, first_names: dict, progress: Progress) -> int:
+    proc = children.spawn(
+        [
+            *(_tar(), "--create", "--file=-", "--format=gnu", "--numeric-owner", "--no-recursion"),
+            *("--directory", os.fspath(root), "--null", "--verbatim-files-from", "--files-from=-"),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    errors = children.Drain(proc.stderr)
+    feeder = _Feeder(root, proc.stdin)
     try:
-        fd = os.open(path, _SOURCE_FLAGS)
-    except OSError as exc:
-        raise WorkspaceError(f"cannot read {path}: {exc.strerror}") from None
-    try:
-        try:
-            st = os.fstat(fd)
-        except OSError as exc:
-            raise WorkspaceError(f"cannot read {path}: {exc.strerror}") from None
-        if not stat.S_ISREG(st.st_mode):
-            return 0  # replaced by something else since it was listed
-        if st.st_nlink > 1:
-            key = (st.st_dev, st.st_ino)
-            if key in first_names:
-                info = owners.info(arcname, st, tarfile.LNKTYPE)
-                info.linkname = first_names[key]
-                header = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
-                out.write(header)
-                return len(header)
-            first_names[key] = arcname
-        info = owners.info(arcname, st, tarfile.REGTYPE)
-        info.size = size = st.st_size
-        header = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
-        padding = bytes(-size % BLOCK)
-        if size <= CHUNK:  # one write for most files: the caller's writer costs per call
-            data = _read(fd, size, path)
-            out.write(header + data + padding)
-            progress(size)
-        else:
-            out.write(header)
-            remaining = size
-            while remaining:
-                data = _read(fd, min(CHUNK, remaining), path)
-                out.write(data)
-                progress(len(data))
-                remaining -= len(data)
-            out.write(padding)
-        return len(header) + size + len(padding)
+        while chunk := proc.stdout.read(CHUNK):
+            out.write(chunk)
+            progress(len(chunk))
+    except BaseException:
+        children.kill(proc)
+        raise
     finally:
-        os.close(fd)
+        feeder.join()
+        proc.stdout.close()
+    returncode = proc.wait()
+    if feeder.error is not None:
+        raise feeder.error
+    messages = errors.result().decode(errors="replace").strip().splitlines()
+    if returncode == 1:
+        # "file changed as we read it": the archive is whole, that file as tar read it.
+        log.warning("the workspace changed while it was archived: %s", "; ".join(messages[-3:]))
+    elif returncode != 0:
+        raise WorkspaceError(f"tar could not archive the workspace: {'; '.join(messages[-3:]) or returncode}")
 
 
-def _read(fd: int, size: int, path: str) -> bytes:
-    pieces = []
-    while size:
+def _tar() -> str:
+    found = shutil.which("tar")
+    if not found:
+        raise WorkspaceError("GNU tar is not installed; install it (apt install tar)")
+    return found
+
+
+class _Feeder:
+    """Writes the names of what to archive to tar, from a thread: tar reads names while we read
+    its output, and neither may wait on the other."""
+
+    def __init__(self, root: Path, pipe):
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._feed, args=(root, pipe), name="trusca-tar-names", daemon=True)
+        self._thread.start()
+
+    def _feed(self, root: Path, pipe) -> None:
         try:
-            data = os.read(fd, size)
-        except OSError as exc:
-            raise WorkspaceError(f"cannot read {path}: {exc.strerror}") from None
-        if not data:
-            raise WorkspaceError(f"{path} shrank while it was being archived; run the backup again")
-        pieces.append(data)
-        size -= len(data)
-    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+            with pipe:
+                batch = []
+                for entry, arcname in _walk(root):
+                    # Sockets, fifos and devices are not workspace data and cannot be restored safely.
+                    if (
+                        entry.is_symlink()
+                        or entry.is_dir(follow_symlinks=False)
+                        or entry.is_file(follow_symlinks=False)
+                    ):
+                        batch.append(os.fsencode(arcname) + b"\0")
+                    if len(batch) >= 1024:
+                        pipe.write(b"".join(batch))
+                        batch.clear()
+                pipe.write(b"".join(batch))
+        except BrokenPipeError:
+            pass  # tar stopped reading: its exit status says why
+        except BaseException as exc:
+            self.error = exc
 
-
-class _Owners:
-    """TarInfo headers, with owner names looked up once per id rather than once per file."""
-
-    def __init__(self):
-        self._users: dict[int, str] = {}
-        self._groups: dict[int, str] = {}
-
-    def info(self, arcname: str, st: os.stat_result, kind: bytes) -> tarfile.TarInfo:
-        info = tarfile.TarInfo(arcname)
-        info.type = kind
-        info.mode = stat.S_IMODE(st.st_mode)
-        info.uid, info.gid = st.st_uid, st.st_gid
-        # Whole seconds, as GNU tar keeps them: a fractional mtime costs every member an extra
-        # PAX header, which doubles the headers a restore has to parse.
-        info.mtime = int(st.st_mtime)
-        info.uname = self._name(self._users, st.st_uid, pwd.getpwuid)
-        info.gname = self._name(self._groups, st.st_gid, grp.getgrgid)
-        return info
-
-    @staticmethod
-    def _name(cache: dict, number: int, lookup) -> str:
-        if number not in cache:
-            try:
-                cache[number] = lookup(number)[0]
-            except KeyError:
-                cache[number] = ""
-        return cache[number]
+    def join(self) -> None:
+        self._thread.join()
 
 
 def _walk(root: Path) -> Iterator[tuple[os.DirEntry, str]]:
