@@ -26,6 +26,14 @@ def passphrase(settings):
     settings.BACKUP_ENCRYPTION_PASSPHRASE = PASSPHRASE
 
 
+@pytest.fixture(autouse=True)
+def operator_gpg(settings):
+    """The GnuPG home the operator's gpg runs in for these tests; the agent gpg starts there
+    is stopped afterwards, so none outlives the test."""
+    yield
+    subprocess.run(["gpgconf", "--homedir", str(settings.VAR_DIR), "--kill", "gpg-agent"], capture_output=True)
+
+
 @pytest.fixture
 def recipient(settings, alice):
     settings.BACKUP_ENCRYPTION_RECIPIENTS = alice.public

@@ -62,8 +62,15 @@ def project_names(page, live_server) -> str:
     return page.locator("#result_list").inner_text()
 
 
+@pytest.fixture
+def watchable_restores(monkeypatch):
+    """The worker's restores hold a few seconds in maintenance mode (after staging), long enough
+    for the browser to see the maintenance page however fast this machine restores."""
+    monkeypatch.setenv("TRUSCA_TEST_PAUSE_AT", "after-staging")
+
+
 def test_a_superuser_restores_an_uploaded_bundle_then_undoes_it_from_the_list(
-    browser, live_server, celery_worker, superuser, screenshot, tmp_path
+    browser, live_server, watchable_restores, celery_worker, superuser, screenshot, tmp_path
 ):
     fill_workspace(megabytes=40)
     Project.objects.create(name="of-the-backups-era")

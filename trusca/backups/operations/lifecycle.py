@@ -24,6 +24,7 @@ outcomes = logging.getLogger("trusca.backups.outcome")
 # How often a running operation refreshes its progress and heartbeat: a quarter second keeps the
 # admin's bar moving; one small UPDATE each time is nothing beside the work it reports on.
 PROGRESS_INTERVAL = 0.25
+PAUSE_SECONDS = 4
 
 
 class Cancelled(OperationFailed):
@@ -190,10 +191,13 @@ def shielded() -> Iterator[None]:
 
 
 def fault_point(name: str) -> None:
-    """Where the crash-consistency tests kill the process (TRUSCA_TEST_KILL_AT=name); nothing
+    """Where the crash-consistency tests kill the process (TRUSCA_TEST_KILL_AT=name), or hold it
+    a few seconds so a browser test can watch that moment (TRUSCA_TEST_PAUSE_AT=name); nothing
     otherwise. SIGKILL, as the kernel's OOM killer or a power cut would: no cleanup runs."""
     if os.environ.get("TRUSCA_TEST_KILL_AT") == name:
         os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get("TRUSCA_TEST_PAUSE_AT") == name:
+        time.sleep(PAUSE_SECONDS)
 
 
 def reason(exc: BaseException) -> str:
