@@ -11,4 +11,5 @@ urlpatterns = [
     path("<int:pk>/status", views.status, name="status"),
     path("<int:pk>/download", views.download, name="download"),
     path("<int:pk>/delete", views.delete, name="delete"),
+    path("<int:pk>/offload", views.offload, name="offload"),
 ]

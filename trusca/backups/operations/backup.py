@@ -1,11 +1,14 @@
 """Taking a backup: in this process (the CLI, a restore's safety backup) or queued for a worker
-(the admin, the schedule). Both run ``_run_backup``."""
+(the admin, the schedule). Both run ``_run_backup``. With a bucket configured, a backup that
+succeeded is then copied off the host (operations/offload.py): in the CLI's process, or by a task
+of its own on the worker; a copy that fails never fails the backup."""
 
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from django.conf import settings
 from django.utils import timezone
@@ -19,6 +22,9 @@ from trusca.backups.operations.lifecycle import Background, Cancelled, Run, inte
 from trusca.backups.progress import Counter, Reporter
 from trusca.backups.streams import MemberWriter
 from trusca.portal import audit
+
+if TYPE_CHECKING:
+    from trusca.backups.operations.offload import OffloadReport
 
 log = logging.getLogger("trusca.backups")
 
@@ -35,13 +41,22 @@ class BackupOutcome:
     bundle_path: Path | None = None
     bundle_error: str = ""
     pruned: list[str] = field(default_factory=list)
+    offload: "OffloadReport | None" = None  # None: no bucket configured, or not asked for
 
 
 def backup_create(
-    *, kind: str, actor: str, bundle_too: bool = False, prune: bool = True, reporter: Reporter | None = None
+    *,
+    kind: str,
+    actor: str,
+    bundle_too: bool = False,
+    prune: bool = True,
+    offload: bool = True,
+    reporter: Reporter | None = None,
 ) -> BackupOutcome:
-    """Take a backup now, in this process (the CLI's path)."""
+    """Take a backup now, in this process (the CLI's path); then, with a bucket configured and
+    ``offload``, copy it there with whatever else is missing, in this process too."""
     from trusca.backups.operations.catalog import backup_prune
+    from trusca.backups.operations.offload import offload_run
     from trusca.backups.operations.sweep import sweep
 
     sweep()
@@ -59,6 +74,8 @@ def backup_create(
         lock.release()
     if prune:
         outcome.pruned = backup_prune()
+    if offload and store.remote() is not None:
+        outcome.offload = offload_run(name=outcome.backup.name, actor=actor, reporter=reporter, prune=prune)
     return outcome
 
 
@@ -119,8 +136,12 @@ def backup_enqueue(*, kind: str, actor: str, send: Callable[[int], None], reques
     return row
 
 
-def backup_run_queued(*, backup_id: int, reporter: Reporter | None = None) -> BackupOutcome | None:
-    """Run a queued backup; None when another worker claimed it or it is no longer queued."""
+def backup_run_queued(
+    *, backup_id: int, reporter: Reporter | None = None, offload: Callable[[str], None] | None = None
+) -> BackupOutcome | None:
+    """Run a queued backup; None when another worker claimed it or it is no longer queued.
+    ``offload`` (the copy task's ``delay``) is handed the name of a backup that succeeded, when a
+    bucket is configured: the copy is a task of its own, so the lock is free meanwhile."""
     from trusca.backups.operations.catalog import backup_prune
 
     claimed = Backup.objects.filter(id=backup_id, status=Backup.Status.QUEUED).update(
@@ -143,7 +164,21 @@ def backup_run_queued(*, backup_id: int, reporter: Reporter | None = None) -> Ba
     finally:
         lock.release()
     outcome.pruned = backup_prune()
+    if offload is not None and store.remote() is not None:
+        _queue_offload(row.name, offload)
     return outcome
+
+
+def _queue_offload(name: str, send: Callable[[str], None]) -> None:
+    Backup.objects.filter(name=name).update(offsite=Backup.Offsite.PENDING, offsite_progress=0, offsite_message="")
+    try:
+        send(name)
+    except Exception as exc:
+        message = f"not queued: the task queue (CELERY_BROKER_URL) refused the job ({reason(exc)}); retry it"
+        Backup.objects.filter(name=name, offsite=Backup.Offsite.PENDING).update(
+            offsite=Backup.Offsite.FAILED, offsite_message=message
+        )
+        outcomes.error("backup.offload_failed %s: %s", name, message)
 
 
 def _run_backup(row: Backup, run: Run, *, reporter: Reporter) -> BackupOutcome:

@@ -104,13 +104,15 @@ def restore_prepare(
     keys: crypto.DecryptionKeys | None = None,
     trust_unsigned: bool = False,
     safety_backup: bool = True,
+    reporter: Reporter | None = None,
 ) -> Iterator[RestorePlan]:
     """Preflight, touching nothing live. Yields the plan to show the operator. ``keys`` open an
-    encrypted backup (by default the installation's BACKUP_ENCRYPTION_PASSPHRASE)."""
+    encrypted backup (by default the installation's BACKUP_ENCRYPTION_PASSPHRASE); ``reporter``
+    hears the download of a backup from the bucket."""
     keys = keys or decryption_keys()
     with contextlib.ExitStack() as stack:
         try:
-            src = stack.enter_context(open_source(source, keys=keys))
+            src = stack.enter_context(open_source(source, keys=keys, reporter=reporter))
             plan = _preflight(src, keys=keys, trust_unsigned=trust_unsigned, safety_backup=safety_backup)
         except (VerifyFailed, SourceError, crypto.EncryptionError) as exc:
             raise RestoreRefused(f"{exc}. Nothing was changed.") from None
