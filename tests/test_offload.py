@@ -23,6 +23,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from tests.helpers import subprocess_env, tree
+from tests.integration import worker
 from tests.test_restore_command import change_everything, live_state
 from trusca.backups import manifest, operations, store, tasks
 from trusca.backups.models import Backup
@@ -30,8 +31,9 @@ from trusca.backups.naming import format_name
 from trusca.backups.store.s3 import S3Store
 from trusca.portal.models import AuditEvent
 
-# The s3 and s3_server fixtures; celery_worker (a test asks for it after s3, so it inherits the bucket).
-pytest_plugins = ["tests.s3server", "tests.integration.worker"]
+pytest_plugins = ["tests.s3server"]  # the s3 and s3_server fixtures
+# A real worker, for the one test that needs it (after s3, so that it inherits the bucket).
+celery_worker = worker.celery_worker
 
 NOW = datetime(2026, 5, 20, 3, 0, 0, tzinfo=UTC)
 
@@ -433,3 +435,27 @@ def test_an_admin_backup_is_copied_by_the_worker(s3, celery_worker, su_client):
     local = tree(store.local().path(state["name"]))
     assert {k.rsplit("/", 1)[1] for k in objects(s3)} == set(local)
     assert json.loads(body(s3, f"backups/{state['name']}/manifest.json"))["kind"] == "manual"
+
+
+def test_a_download_whose_process_died_is_swept_and_a_live_ones_kept(db, settings):
+    settings.BACKUP_ROOT.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    gone = settings.BACKUP_ROOT / f".partial-download-{dead.stdout.strip()}-0a1b2c3d"
+    alive = settings.BACKUP_ROOT / f".partial-download-{os.getpid()}-0a1b2c3d"
+    for directory in (gone, alive):
+        (directory / "auto-20260101T000000Z").mkdir(parents=True)
+    operations.sweep()
+    assert not gone.exists() and alive.exists()
+
+
+def test_the_copy_task_waits_while_a_restore_holds_maintenance_mode(db, s3):
+    from celery.exceptions import Retry
+
+    from trusca.backups import maintenance
+
+    maintenance.enter("restoring auto-20260509T030000Z")
+    try:
+        with pytest.raises(Retry):
+            tasks.offload_backup.apply(args=["auto-20260509T030000Z"], throw=True)
+    finally:
+        maintenance.leave()

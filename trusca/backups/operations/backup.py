@@ -1,14 +1,13 @@
 """Taking a backup: in this process (the CLI, a restore's safety backup) or queued for a worker
 (the admin, the schedule). Both run ``_run_backup``. With a bucket configured, a backup that
-succeeded is then copied off the host (operations/offload.py): in the CLI's process, or by a task
-of its own on the worker; a copy that fails never fails the backup."""
+succeeded is then copied off the host (operations/offload.py): by the CLI in its process, or by a
+task of its own on the worker; a copy that fails never fails the backup."""
 
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from django.conf import settings
 from django.utils import timezone
@@ -22,9 +21,6 @@ from trusca.backups.operations.lifecycle import Background, Cancelled, Run, inte
 from trusca.backups.progress import Counter, Reporter
 from trusca.backups.streams import MemberWriter
 from trusca.portal import audit
-
-if TYPE_CHECKING:
-    from trusca.backups.operations.offload import OffloadReport
 
 log = logging.getLogger("trusca.backups")
 
@@ -41,7 +37,6 @@ class BackupOutcome:
     bundle_path: Path | None = None
     bundle_error: str = ""
     pruned: list[str] = field(default_factory=list)
-    offload: "OffloadReport | None" = None  # None: no bucket configured, or not asked for
 
 
 def backup_create(
@@ -50,13 +45,11 @@ def backup_create(
     actor: str,
     bundle_too: bool = False,
     prune: bool = True,
-    offload: bool = True,
     reporter: Reporter | None = None,
 ) -> BackupOutcome:
-    """Take a backup now, in this process (the CLI's path); then, with a bucket configured and
-    ``offload``, copy it there with whatever else is missing, in this process too."""
+    """Take a backup now, in this process (the CLI's path; its copy to the bucket follows, with
+    ``offload_run``, in this process too)."""
     from trusca.backups.operations.catalog import backup_prune
-    from trusca.backups.operations.offload import offload_run
     from trusca.backups.operations.sweep import sweep
 
     sweep()
@@ -74,8 +67,6 @@ def backup_create(
         lock.release()
     if prune:
         outcome.pruned = backup_prune()
-    if offload and store.remote() is not None:
-        outcome.offload = offload_run(name=outcome.backup.name, actor=actor, reporter=reporter, prune=prune)
     return outcome
 
 

@@ -48,11 +48,11 @@ class OffloadFailed(OperationFailed):
 
 
 class CopyInProgress(OffloadFailed):
-    """Another process is copying this backup right now."""
+    pass  # another process is copying this backup
 
 
 class CopyNotQueued(OffloadFailed):
-    """The task queue refused the copy's job."""
+    pass  # the task queue refused the copy's job
 
 
 @dataclass
@@ -66,16 +66,13 @@ class OffloadOutcome:
 
 @dataclass
 class OffloadReport:
-    """What a copy run did: the backups copied, those that failed and why, the bucket's pruning."""
-
     copied: list[OffloadOutcome] = field(default_factory=list)
-    failed: dict[str, str] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)  # name -> why ("" when the bucket could not be listed)
     pruned: list[str] = field(default_factory=list)
     prune_error: str = ""
 
 
 def bucket():
-    """The configured bucket's store; ``OffloadFailed`` when there is none."""
     remote = store.remote()
     if remote is None:
         raise OffloadFailed("no bucket is configured: set BACKUP_S3_BUCKET (README, Off-host copies)")
@@ -95,7 +92,7 @@ def offload_run(
             report.copied.append(offload_backup(name=name, actor=actor, reporter=reporter, remote=remote))
         except CopyInProgress:
             pass
-        except OffloadFailed as exc:
+        except OperationFailed as exc:
             report.failed[name] = str(exc)
             if _unavailable(exc):
                 return report  # the others would fail the same way, each after its timeouts
@@ -132,7 +129,7 @@ def offload_missing(
             report.copied.append(offload_backup(name=item.name, actor=actor, reporter=reporter, remote=remote))
         except CopyInProgress:
             continue
-        except OffloadFailed as exc:
+        except OperationFailed as exc:
             report.failed[item.name] = str(exc)
             if _unavailable(exc):
                 break

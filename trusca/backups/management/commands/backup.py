@@ -3,7 +3,8 @@ import getpass
 from django.conf import settings
 from django.core.management.base import CommandError
 
-from trusca.backups import locks, operations
+from trusca.backups import locks, operations, store
+from trusca.backups.errors import Interrupted
 from trusca.backups.management.base import OperationCommand, report_offload
 from trusca.backups.terminal import LiveLine, display_path, human_size
 
@@ -45,7 +46,6 @@ class Command(OperationCommand):
                 actor=f"cli:{getpass.getuser()}",
                 bundle_too=bundle,
                 prune=not no_prune,
-                offload=not no_offload,
                 reporter=live,
             )
         except locks.Busy as exc:
@@ -67,10 +67,24 @@ class Command(OperationCommand):
                 f"✓ pruned {display_path(settings.BACKUP_ROOT / name)} "
                 f"(older than {settings.BACKUP_RETENTION_DAYS} days)"
             )
-        if outcome.offload is not None:
-            report_offload(self, outcome.offload)
+        if not no_offload and store.remote() is not None:
+            self._offload(outcome.backup.name, path, prune=not no_prune)
         if outcome.bundle_error:
             self.stdout.write(f"Backup complete: {path}")
             raise CommandError(f"Bundle failed: {outcome.bundle_error}; the backup itself is good: {path}")
         self.stdout.write("Backup complete")
         self.stdout.write(path)
+
+    def _offload(self, name: str, path: str, *, prune: bool) -> None:
+        live = LiveLine(label="copying")
+        try:
+            report = operations.offload_run(name=name, actor=f"cli:{getpass.getuser()}", reporter=live, prune=prune)
+        except Interrupted as exc:
+            live.clear()
+            self.stderr.write(
+                f"\nCopy to S3 interrupted: the backup itself is good: {path}. `manage.py offload {name}` copies it."
+            )
+            raise SystemExit(exc.exit_code) from None
+        finally:
+            live.clear()
+        report_offload(self, report)
