@@ -182,11 +182,15 @@ def test_a_copy_killed_midway_is_never_listed_and_the_next_copy_starts_clean(dem
     with pytest.raises(CommandError, match="1 copy failed"):
         call_command("offload", name, stdout=io.StringIO(), stderr=err)
     assert f"{name} is already being copied" in err.getvalue()
+    operations.offsite_prune()
+    assert len(objects(s3)) == 1, "the bucket's tidying never touches a copy that may be alive"
 
     settings.BACKUP_STALE_SECONDS = 1
     time.sleep(1.1)
     assert operations.sweep() == [f"marked failed: the off-host copy of {name} (its process died)"]
     assert "its process died" in row(name).offsite_message
+    operations.offsite_prune()
+    assert objects(s3) == {} and uploads(s3) == [], "what the dead copy left is removed"
     run("offload", name)
     assert sorted(objects(s3)) == sorted(f"backups/{name}/{f.name}" for f in store.local().path(name).iterdir())
     assert uploads(s3) == []
@@ -290,8 +294,10 @@ def test_a_name_in_neither_place_or_a_bad_url_is_refused_in_words(db, s3):
         CommandError, match=r"no backup named auto-20260101T000000Z on this host's disk .* nor in s3://"
     ):
         run("restore", "auto-20260101T000000Z", "--yes")
-    with pytest.raises(CommandError, match="is not s3://BUCKET/PREFIX/NAME"):
-        run("restore", f"s3://{s3.bucket}/backups/../etc", "--yes")
+    for url in (f"s3://{s3.bucket}/backups/../etc", f"s3://AKIA:pasted-secret@{s3.bucket}/backups/2026-05-09-030000"):
+        with pytest.raises(CommandError, match="is not s3://BUCKET/PREFIX/NAME") as refused:
+            run("restore", url, "--yes")
+        assert "pasted-secret" not in str(refused.value)
 
 
 # The list and the catalog -----------------------------------------------------------------------

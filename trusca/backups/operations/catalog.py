@@ -177,12 +177,21 @@ def offsite_prune(*, now: datetime | None = None) -> list[str]:
     the host than in the bucket is the usual set-up): auto, cli and pre-restore backups past it
     are removed from the bucket, oldest first; manual and uploaded ones never, nor the newest
     complete backup there. Kinds come from the names, as on the disk. Runs after every copy and
-    from the daily sweep; a backup that cannot be removed is logged and skipped. Raises
-    ``OperationFailed`` when the bucket cannot be listed; returns [] when none is configured."""
+    from the daily sweep; a backup that cannot be removed is logged and skipped. Also removes
+    what copies and deletes cut short left (objects without a manifest, which nothing lists), but
+    never under a live copy. Raises ``OperationFailed`` when the bucket cannot be listed; returns
+    [] when none is configured."""
     remote = store.remote()
     if remote is None:
         return []
     now = now or timezone.now()
+    copying = set(Backup.objects.filter(offsite=Backup.Offsite.COPYING).values_list("name", flat=True))
+    for name in remote.unpublished():
+        if name not in copying:
+            try:
+                remote.discard(name)
+            except OperationFailed as exc:
+                outcomes.error("backup.offsite_prune_failed %s: %s", name, exc)
     stored = remote.list()
     complete = [b for b in stored if b.manifest is not None]
     newest = complete[-1].name if complete else None

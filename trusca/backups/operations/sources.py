@@ -23,6 +23,7 @@ DOWNLOAD_PREFIX = "download-"
 GZIP_MAGIC = b"\x1f\x8b"
 S3_SCHEME = "s3://"
 _BUCKET = re.compile(r"^[A-Za-z0-9._-]{3,255}$")
+_PREFIX = re.compile(r"^(?!/)(?!.*//)(?!(.*/)?\.\.?(/|$))[A-Za-z0-9._/-]{0,512}$")  # as BACKUP_S3_PREFIX
 
 
 @dataclass
@@ -123,9 +124,11 @@ def _bucket_source(url: str):
 
     bucket, _, key = url[len(S3_SCHEME) :].rstrip("/").partition("/")
     prefix, _, name = key.rpartition("/")
-    if not _BUCKET.match(bucket) or parse_name(name) is None or ".." in prefix.split("/") or "//" in f"{prefix}/":
+    if not (_BUCKET.match(bucket) and _PREFIX.match(prefix) and parse_name(name)):
+        # Not repeated back: whatever was typed there (a key pasted by mistake) stays out of logs.
         raise SourceError(
-            f"{url} is not s3://BUCKET/PREFIX/NAME with NAME a backup's name (2026-05-09-030000, auto-20260509T030000Z)"
+            "the source is not s3://BUCKET/PREFIX/NAME with NAME a backup's name (2026-05-09-030000, "
+            "auto-20260509T030000Z) and PREFIX letters, digits, . - _ and /"
         )
     remote = S3Store(
         bucket=bucket,

@@ -290,6 +290,16 @@ class S3Store(Store):
     def names(self) -> dict[str, int]:
         """The published backups (their manifest is listed) and the bytes each holds, from the
         listing alone: one request per thousand objects, no manifest read."""
+        sizes, published = self._listing()
+        return {name: sizes[name] for name in published}
+
+    def unpublished(self) -> tuple[str, ...]:
+        """Names with objects but no manifest: a copy under way, or what one cut short (or a
+        delete cut short) left behind, which ``discard`` removes."""
+        sizes, published = self._listing()
+        return tuple(sorted(set(sizes) - published))
+
+    def _listing(self) -> tuple[dict[str, int], set[str]]:
         sizes: dict[str, int] = collections.defaultdict(int)
         published = set()
         with self._s3("listing the backups"):
@@ -300,7 +310,7 @@ class S3Store(Store):
                 sizes[name] += obj.size
                 if member == manifest_mod.MANIFEST:
                     published.add(name)
-        return {name: sizes[name] for name in published}
+        return sizes, published
 
     def _load(self, name: str, size: int) -> StoredBackup:
         parsed = parse_name(name)
