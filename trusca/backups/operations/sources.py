@@ -189,17 +189,18 @@ def _download(remote, name: str, scratch: store.LocalStore, reporter: Reporter) 
     reporter.phase(f"downloading {name}")
     staging = scratch.staging_path(name)
     staging.mkdir()
+    buffer = memoryview(bytearray(gz.CHUNK))  # one, reused: the store's read-ahead is memory enough
     for member, entry in document.files.items():
         received = 0
         # Not the store's open_write, which syncs every file to disk: this copy lives for one run.
         with remote.open_read(name, member) as source, open(staging / check_member(member), "xb") as out:
-            while chunk := source.read(gz.CHUNK):
-                received += len(chunk)
+            while count := source.readinto(buffer):
+                received += count
                 if received > entry.size:
                     # The preflight would refuse it; not worth filling the disk first.
                     raise SourceError(f"{remote.url(name)}{member} is larger than its manifest records (altered)")
-                out.write(chunk)
-                counter.add(len(chunk))
+                out.write(buffer[:count])
+                counter.add(count)
                 reporter.progress(counter.done, counter.total)
     scratch.publish(name, data)
 
