@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import psycopg
 import pytest
 from django.conf import settings
 from django.db import connection
@@ -535,3 +536,24 @@ def test_a_superuser_connection_is_warned_about_and_a_plain_role_is_not(transact
         finally:
             cursor.execute("RESET ROLE")
             cursor.execute(f'DROP ROLE "{role}"')
+
+
+@postgresql_only
+def test_settling_after_a_crash_leaves_another_databases_restore_alone(transactional_db):
+    # Another installation on the same server, mid-restore: its psql session is idle in its
+    # transaction while it waits for the next bytes of its dump.
+    db = connection.settings_dict
+    other = psycopg.connect(
+        host=db["HOST"] or "localhost",
+        port=db["PORT"] or 5432,
+        user=db["USER"],
+        password=db["PASSWORD"] or None,
+        dbname="postgres",
+        application_name="trusca-restore-elsewhere",
+    )
+    try:
+        other.execute("SELECT 1")  # psycopg opened a transaction: idle in it now
+        assert database.committed("no-such-marker") is False
+        assert other.execute("SELECT 2").fetchone() == (2,), "its session was not ended"
+    finally:
+        other.close()

@@ -75,8 +75,35 @@
         }, POLL_MS);
     }
 
+    // A copy to S3 runs after its backup has finished: its own bar, in the Location column.
+    function followCopy(row) {
+        const timer = window.setInterval(async () => {
+            let state;
+            try {
+                const response = await fetch(row.dataset.statusUrl, {headers: {Accept: "application/json"}});
+                if (!response.ok) {
+                    return;
+                }
+                state = (await response.json()).offsite;
+            } catch (error) {
+                return;
+            }
+            const bar = row.querySelector(".backup-copy-progress");
+            const label = row.querySelector(".backup-copy-label");
+            if (bar && state.state === "copying") {
+                bar.value = state.progress;
+                label.textContent = `copying to S3 · ${state.progress}%`;
+            }
+            if (state.state !== row.dataset.offsite) {
+                window.clearInterval(timer);
+                window.location.reload();  // the server draws the new state, its reason, its actions
+            }
+        }, POLL_MS);
+    }
+
     document.addEventListener("DOMContentLoaded", () => {
         document.querySelectorAll("form[data-backup-run]").forEach(startRun);
         document.querySelectorAll('tr[data-status="queued"], tr[data-status="running"]').forEach(follow);
+        document.querySelectorAll('tr[data-status="succeeded"][data-offsite="pending"], tr[data-status="succeeded"][data-offsite="copying"]').forEach(followCopy);
     });
 })();

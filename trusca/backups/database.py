@@ -101,7 +101,9 @@ def _settle_restore_sessions(cursor) -> None:
     while True:
         cursor.execute(
             "SELECT pid, state FROM pg_catalog.pg_stat_activity "
-            "WHERE application_name LIKE 'trusca-restore-%%' AND pid <> pg_catalog.pg_backend_pid()"
+            # This database's only: another installation on the same server may be restoring.
+            "WHERE application_name LIKE 'trusca-restore-%%' AND datname = pg_catalog.current_database() "
+            "AND pid <> pg_catalog.pg_backend_pid()"
         )
         sessions = cursor.fetchall()
         if not sessions:

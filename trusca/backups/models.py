@@ -17,6 +17,16 @@ class Backup(models.Model):
         SUCCEEDED = "succeeded"
         FAILED = "failed"
 
+    class Offsite(models.TextChoices):
+        """The off-host copy in the bucket (BACKUP_S3_BUCKET). A copy is claimed on its row, not
+        under the one-operation lock: see trusca/backups/operations/offload.py."""
+
+        NONE = "", "not copied"
+        PENDING = "pending"
+        COPYING = "copying"
+        COPIED = "copied"
+        FAILED = "failed"
+
     name = models.CharField(max_length=64, unique=True)
     kind = models.CharField(max_length=16, choices=Kind.choices)
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED, db_index=True)
@@ -31,6 +41,14 @@ class Backup(models.Model):
     message = models.TextField(blank=True)
     manifest = models.JSONField(default=dict, blank=True)
     actor = models.CharField(max_length=150, blank=True)
+    # Where the backup lives: on this host's disk (BACKUP_ROOT), and in the bucket when ``offsite``
+    # is COPIED. A backup found only in the bucket (a new host after a disaster) has local=False.
+    local = models.BooleanField(default=True)
+    offsite = models.CharField(max_length=16, choices=Offsite.choices, default=Offsite.NONE, blank=True)
+    offsite_progress = models.PositiveSmallIntegerField(default=0)
+    offsite_message = models.TextField(blank=True)
+    offsite_heartbeat_at = models.DateTimeField(null=True, blank=True)
+    offsite_at = models.DateTimeField(null=True, blank=True)  # when the copy was completed
 
     class Meta:
         ordering = ["-created_at", "-id"]
@@ -43,6 +61,16 @@ class Backup(models.Model):
     @property
     def is_active(self) -> bool:
         return self.status in (self.Status.QUEUED, self.Status.RUNNING)
+
+    @property
+    def location(self) -> str:
+        """Where the backup lives: local, s3 or both; empty for one with no files (failed, running)."""
+        if self.status != self.Status.SUCCEEDED:
+            return ""
+        in_bucket = self.offsite == self.Offsite.COPIED
+        if self.local:
+            return "both" if in_bucket else "local"
+        return "s3" if in_bucket else ""
 
 
 class ScheduleSwitch(models.Model):

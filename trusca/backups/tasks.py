@@ -33,7 +33,20 @@ def run_backup(self, backup_id: int) -> None:
         raise self.retry(countdown=MAINTENANCE_RETRY_SECONDS)
     # A failure is recorded on the row, in the audit log and as one log line; nothing to retry.
     with contextlib.suppress(operations.OperationFailed):
-        operations.backup_run_queued(backup_id=backup_id)
+        operations.backup_run_queued(backup_id=backup_id, offload=offload_backup.delay)
+
+
+@shared_task(bind=True, max_retries=None)
+def offload_backup(self, name: str, actor: str = "system") -> None:
+    """The off-host copy of a backup that succeeded (or a retry from the list), then of whatever
+    else the bucket lacks, then the bucket's retention."""
+    if maintenance.active():
+        # The catalog it writes to is being replaced; the copy waits for the restore to end.
+        raise self.retry(countdown=MAINTENANCE_RETRY_SECONDS)
+    # Failures are recorded on the rows, in the audit log and as log lines; the next backup and
+    # the list's Retry try again.
+    with contextlib.suppress(operations.OperationFailed):
+        operations.offload_run(name=name, actor=actor)
 
 
 @shared_task

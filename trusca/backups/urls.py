@@ -16,4 +16,5 @@ urlpatterns = [
     path("<int:pk>/download", views.download, name="download"),
     path("<int:pk>/restore", views.restore_backup, name="restore_backup"),
     path("<int:pk>/delete", views.delete, name="delete"),
+    path("<int:pk>/offload", views.offload, name="offload"),
 ]

@@ -117,6 +117,14 @@ def _describe(backup: Backup) -> dict:
         "progress": backup.progress,
         "message": backup.message,
         "status_url": reverse("backups:status", args=[backup.pk]),
+        # Where it lives ("local", "s3", "both"; "" without files) and its off-host copy's state.
+        "location": backup.location,
+        "offsite": {
+            "state": backup.offsite or "none",
+            "progress": backup.offsite_progress,
+            "message": backup.offsite_message,
+            "copied_at": backup.offsite_at.isoformat() if backup.offsite == Backup.Offsite.COPIED else None,
+        },
     }
 
 
@@ -131,6 +139,7 @@ def _render_index(request, *, status: int = 200) -> TemplateResponse:
         page=number,
         has_next=has_next,
         retention_days=settings.BACKUP_RETENTION_DAYS,
+        bucket=f"s3://{settings.BACKUP_S3_BUCKET}/{settings.BACKUP_S3_PREFIX}" if settings.BACKUP_S3_BUCKET else "",
     )
     return TemplateResponse(request, "backups/index.html", context, status=status)
 
@@ -233,6 +242,38 @@ def delete(request, pk: int):
         messages.error(request, str(exc))
         return TemplateResponse(request, "backups/delete_confirmation.html", context, status=409)
     messages.success(request, f"Deleted backup {backup.name}: its files and its entry are gone.")
+    return redirect("backups:index")
+
+
+@_guard(superuser=True)
+@require_POST
+def offload(request, pk: int):
+    """Copy a backup to the bucket again (a failed copy's Retry, or a first copy)."""
+    try:
+        backup = operations.get_backup(pk)
+    except operations.NotFound as exc:
+        return _not_found(request, exc)
+    actor = request.user.get_username()
+
+    def send(name: str) -> None:
+        tasks.offload_backup.delay(name, actor)
+
+    try:
+        backup = operations.offload_request(backup=backup, actor=request.user, send=send, request=request)
+    except operations.OffloadFailed as exc:
+        if isinstance(exc, operations.CopyNotQueued):
+            status, kind, title = 503, "queue_unavailable", "The task queue is unavailable"
+        elif isinstance(exc, operations.CopyInProgress):
+            status, kind, title = 409, "offload_in_progress", "This backup is being copied already"
+        else:
+            status, kind, title = 409, "offload_refused", "This backup cannot be copied to the bucket"
+        if wants_json(request):
+            return problem(status, kind, title, str(exc))
+        messages.error(request, str(exc))
+        return _render_index(request, status=status)
+    if wants_json(request):
+        return JsonResponse(_describe(backup), status=202)
+    messages.success(request, f"The copy of {backup.name} to the bucket is queued; its state shows below.")
     return redirect("backups:index")
 
 

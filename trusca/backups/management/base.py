@@ -15,6 +15,7 @@ from django.db import DatabaseError as DjangoDatabaseError
 from trusca.backups import operations
 from trusca.backups.errors import Interrupted
 from trusca.backups.operations.lifecycle import interruptible
+from trusca.backups.terminal import human_size
 
 
 class OperationCommand(BaseCommand):
@@ -71,3 +72,25 @@ def decryption_keys(options):
     if key_passphrase is None and sys.stdin.isatty():
         key_passphrase = getpass.getpass(f"Passphrase of the private key in {path} (empty if none): ") or None
     return operations.decryption_keys(secret_key=secret_key, key_passphrase=key_passphrase)
+
+
+def report_offload(command, report) -> None:
+    """The lines of a copy run (operations.OffloadReport): the copies on stdout, the failures on
+    stderr, which cron mails, though a failed copy does not fail the backup before it."""
+    for copy in report.copied:
+        how = "already there" if copy.already else f"{human_size(copy.size)} in {copy.seconds:.1f} s"
+        command.stdout.write(f"✓ copied {copy.name} to {copy.url} ({how})")
+    for name, why in report.failed.items():
+        command.stderr.write(f"! copy to S3 failed{f' for {name}' if name else ''}: {why}")
+    if report.failed:
+        command.stderr.write(
+            "! The backups themselves are good. `manage.py offload --missing` copies what the bucket lacks once "
+            "that is fixed; the next backup tries again too."
+        )
+    for name in report.pruned:
+        command.stdout.write(
+            f"✓ pruned {name} from the bucket (older than {settings.BACKUP_S3_RETENTION_DAYS} days, "
+            "BACKUP_S3_RETENTION_DAYS)"
+        )
+    if report.prune_error:
+        command.stderr.write(f"! the bucket's retention did not run: {report.prune_error}")

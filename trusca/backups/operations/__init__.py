@@ -6,7 +6,8 @@ these functions and nothing else: no workflow is written twice.
 - ``verify``: checking one without restoring it; ``sources``: what an operator names as one;
 - ``restore``: the restore protocol, its journal and the recovery after a crash;
 - ``restore_jobs``: a restore asked for from the admin (a listed backup or an upload), queued;
-- ``catalog``: the Backup table, retention, delete and download;
+- ``catalog``: the Backup table, retention (on this host and in the bucket), delete and download;
+- ``offload``: the off-host copy into the bucket, and its retries;
 - ``sweep``: what dead processes left behind.
 """
 
@@ -18,7 +19,26 @@ from trusca.backups.operations.backup import (
     backup_enqueue,
     backup_run_queued,
 )
-from trusca.backups.operations.catalog import backup_delete, backup_download, backup_prune, catalog_sync, get_backup
+from trusca.backups.operations.catalog import (
+    backup_delete,
+    backup_download,
+    backup_prune,
+    catalog_sync,
+    get_backup,
+    offsite_prune,
+)
+from trusca.backups.operations.offload import (
+    CopyInProgress,
+    CopyNotQueued,
+    OffloadFailed,
+    OffloadOutcome,
+    OffloadReport,
+    bucket,
+    offload_backup,
+    offload_missing,
+    offload_request,
+    offload_run,
+)
 from trusca.backups.operations.restore import (
     RestoreFailed,
     RestoreOutcome,
@@ -50,9 +70,14 @@ from trusca.backups.operations.verify import Untrusted, VerifyFailed, VerifyRepo
 __all__ = [
     "BackupFailed",
     "BackupOutcome",
+    "CopyInProgress",
+    "CopyNotQueued",
     "Interrupted",
     "NotEnoughSpace",
     "NotFound",
+    "OffloadFailed",
+    "OffloadOutcome",
+    "OffloadReport",
     "OperationFailed",
     "QueueUnavailable",
     "RestoreFailed",
@@ -76,9 +101,15 @@ __all__ = [
     "backup_run_queued",
     "backup_sign",
     "backup_verify",
+    "bucket",
     "catalog_sync",
     "decryption_keys",
     "get_backup",
+    "offload_backup",
+    "offload_missing",
+    "offload_request",
+    "offload_run",
+    "offsite_prune",
     "open_source",
     "restore_enqueue",
     "restore_job",

@@ -1,5 +1,7 @@
 """Taking a backup: in this process (the CLI, a restore's safety backup) or queued for a worker
-(the admin, the schedule). Both run ``_run_backup``."""
+(the admin, the schedule). Both run ``_run_backup``. With a bucket configured, a backup that
+succeeded is then copied off the host (operations/offload.py): by the CLI in its process, or by a
+task of its own on the worker; a copy that fails never fails the backup."""
 
 import logging
 from collections.abc import Callable
@@ -38,9 +40,15 @@ class BackupOutcome:
 
 
 def backup_create(
-    *, kind: str, actor: str, bundle_too: bool = False, prune: bool = True, reporter: Reporter | None = None
+    *,
+    kind: str,
+    actor: str,
+    bundle_too: bool = False,
+    prune: bool = True,
+    reporter: Reporter | None = None,
 ) -> BackupOutcome:
-    """Take a backup now, in this process (the CLI's path)."""
+    """Take a backup now, in this process (the CLI's path; its copy to the bucket follows, with
+    ``offload_run``, in this process too)."""
     from trusca.backups.operations.catalog import backup_prune
     from trusca.backups.operations.sweep import sweep
 
@@ -122,8 +130,12 @@ def backup_enqueue(*, kind: str, actor: str, send: Callable[[int], None], reques
     return row
 
 
-def backup_run_queued(*, backup_id: int, reporter: Reporter | None = None) -> BackupOutcome | None:
-    """Run a queued backup; None when another worker claimed it or it is no longer queued."""
+def backup_run_queued(
+    *, backup_id: int, reporter: Reporter | None = None, offload: Callable[[str], None] | None = None
+) -> BackupOutcome | None:
+    """Run a queued backup; None when another worker claimed it or it is no longer queued.
+    ``offload`` (the copy task's ``delay``) is handed the name of a backup that succeeded, when a
+    bucket is configured: the copy is a task of its own, so the lock is free meanwhile."""
     from trusca.backups.operations.catalog import backup_prune
 
     claimed = Backup.objects.filter(id=backup_id, status=Backup.Status.QUEUED).update(
@@ -146,7 +158,21 @@ def backup_run_queued(*, backup_id: int, reporter: Reporter | None = None) -> Ba
     finally:
         lock.release()
     outcome.pruned = backup_prune()
+    if offload is not None and store.remote() is not None:
+        _queue_offload(row.name, offload)
     return outcome
+
+
+def _queue_offload(name: str, send: Callable[[str], None]) -> None:
+    Backup.objects.filter(name=name).update(offsite=Backup.Offsite.PENDING, offsite_progress=0, offsite_message="")
+    try:
+        send(name)
+    except Exception as exc:
+        message = f"not queued: the task queue (CELERY_BROKER_URL) refused the job ({reason(exc)}); retry it"
+        Backup.objects.filter(name=name, offsite=Backup.Offsite.PENDING).update(
+            offsite=Backup.Offsite.FAILED, offsite_message=message
+        )
+        outcomes.error("backup.offload_failed %s: %s", name, message)
 
 
 def _run_backup(row: Backup, run: Run, *, reporter: Reporter) -> BackupOutcome:

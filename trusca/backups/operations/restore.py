@@ -108,15 +108,16 @@ def restore_prepare(
     trust_unsigned: bool = False,
     safety_backup: bool = True,
     thorough: bool = False,
+    reporter: Reporter | None = None,
 ) -> Iterator[RestorePlan]:
     """Preflight, touching nothing live. Yields the plan to show the operator. ``keys`` open an
-    encrypted backup (by default the installation's BACKUP_ENCRYPTION_PASSPHRASE). A bundle (a
-    file or an upload, from elsewhere) is verified whole even when signed, as is any backup with
-    ``thorough``."""
+    encrypted backup (by default the installation's BACKUP_ENCRYPTION_PASSPHRASE); ``reporter``
+    hears the download of a backup from the bucket. A bundle (a file or an upload, from
+    elsewhere) is verified whole even when signed, as is any backup with ``thorough``."""
     keys = keys or decryption_keys()
     with contextlib.ExitStack() as stack:
         try:
-            src = stack.enter_context(open_source(source, keys=keys))
+            src = stack.enter_context(open_source(source, keys=keys, reporter=reporter))
             plan = _preflight(
                 src, keys=keys, trust_unsigned=trust_unsigned, safety_backup=safety_backup, thorough=thorough
             )

@@ -1,9 +1,10 @@
-"""What an operator names as a backup (a directory, a bundle file, a backup's name), opened as a
-store and a name that every workflow reads the same way."""
+"""What an operator names as a backup (a directory, a bundle file, a backup's name, a copy in the
+bucket), opened as a store and a name that every workflow reads the same way."""
 
 import contextlib
 import io
 import os
+import re
 import secrets
 import socket
 from collections.abc import Iterator
@@ -12,13 +13,19 @@ from pathlib import Path
 
 from django.conf import settings
 
-from trusca.backups import bundle, crypto, manifest, store
+from trusca.backups import bundle, crypto, gz, manifest, store
 from trusca.backups.errors import NotFound, OperationFailed
 from trusca.backups.naming import parse_name
+from trusca.backups.progress import Counter, Reporter
+from trusca.backups.store.local import check_member
 from trusca.backups.streams import MemberReader
 
 UNPACK_PREFIX = "unpack-"
+DOWNLOAD_PREFIX = "download-"
 GZIP_MAGIC = b"\x1f\x8b"
+S3_SCHEME = "s3://"
+_BUCKET = re.compile(r"^[A-Za-z0-9._-]{3,255}$")
+_PREFIX = re.compile(r"^(?!/)(?!.*//)(?!(.*/)?\.\.?(/|$))[A-Za-z0-9._/-]{0,512}$")  # as BACKUP_S3_PREFIX
 
 
 @dataclass
@@ -27,6 +34,9 @@ class Source:
     name: str  # in the store
     label: str  # as the operator gave it, for messages
     unpacked: bool = False  # from a bundle (a file, an upload): arrived from elsewhere
+    # A copy made for this run (an unpacked bundle, a download from the bucket), removed afterwards.
+    scratch: bool = False
+    downloaded_from: str = ""  # the bucket's URL of a backup downloaded for this run
 
     def reader(self, member: str, entry, *, keys: crypto.DecryptionKeys | None, **options) -> MemberReader:
         """A member's content. An archive the manifest lists that was encrypted by hand, the
@@ -73,10 +83,19 @@ def decryption_keys(
 
 
 @contextlib.contextmanager
-def open_source(given: str, *, keys: crypto.DecryptionKeys | None = None) -> Iterator[Source]:
+def open_source(
+    given: str, *, keys: crypto.DecryptionKeys | None = None, reporter: Reporter | None = None
+) -> Iterator[Source]:
     """A backup directory (either naming format, or any directory holding one), a bundle
     ``.tar.gz`` or an encrypted one ``.tar.gz.gpg`` (unpacked into a hidden directory beside the
-    backups, removed afterwards), or the name of a backup in BACKUP_ROOT."""
+    backups, removed afterwards), the name of a backup in BACKUP_ROOT or else in the bucket, or
+    ``s3://BUCKET/PREFIX/NAME`` (downloaded into a hidden directory, removed afterwards;
+    ``reporter`` hears the download's progress)."""
+    if given.startswith(S3_SCHEME):
+        remote, name = _bucket_source(given)
+        with downloaded(remote, name, label=given, reporter=reporter) as source:
+            yield source
+        return
     path = Path(given).expanduser()
     if path.is_dir():
         yield Source(store.DirectoryStore(path.resolve()), path.name, given)
@@ -94,7 +113,99 @@ def open_source(given: str, *, keys: crypto.DecryptionKeys | None = None) -> Ite
             with unpacked_bundle(local.bundle_path(given), label=given, keys=keys) as source:
                 yield source
             return
+        remote = store.remote()
+        if remote is not None:
+            with downloaded(remote, given, label=given, reporter=reporter, elsewhere=True) as source:
+                yield source
+            return
     raise SourceError(f"{given} is not a backup directory, a bundle file, or the name of a stored backup")
+
+
+def _bucket_source(url: str):
+    """``s3://BUCKET/PREFIX/NAME``: the bucket's store (endpoint and region from the settings)."""
+    from trusca.backups.store.s3 import S3Store
+
+    bucket, _, key = url[len(S3_SCHEME) :].rstrip("/").partition("/")
+    prefix, _, name = key.rpartition("/")
+    if not (_BUCKET.match(bucket) and _PREFIX.match(prefix) and parse_name(name)):
+        # Not repeated back: whatever was typed there (a key pasted by mistake) stays out of logs.
+        raise SourceError(
+            "the source is not s3://BUCKET/PREFIX/NAME with NAME a backup's name (2026-05-09-030000, "
+            "auto-20260509T030000Z) and PREFIX letters, digits, . - _ and /"
+        )
+    remote = S3Store(
+        bucket=bucket,
+        prefix=f"{prefix}/" if prefix else "",
+        endpoint_url=settings.BACKUP_S3_ENDPOINT_URL,
+        region=settings.BACKUP_S3_REGION,
+        storage_class=settings.BACKUP_S3_STORAGE_CLASS,
+    )
+    return remote, name
+
+
+@contextlib.contextmanager
+def downloaded(
+    remote, name: str, *, label: str, reporter: Reporter | None = None, elsewhere: bool = False
+) -> Iterator[Source]:
+    """A backup in the bucket, downloaded into a hidden directory under BACKUP_ROOT that names its
+    owning process (the sweep removes it once that process is gone). Each object's sha256 is
+    checked as it arrives: a damaged copy is refused here, before anything changes, and the
+    preflight then checks every file against the signed manifest as for any other source.
+    ``elsewhere``: the name was looked for on this host's disk first, and the messages say so."""
+    reporter = reporter or Reporter()
+    local = store.local()
+    local.root.mkdir(parents=True, exist_ok=True)
+    suffix = f"{DOWNLOAD_PREFIX}{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+    root = local.partial_path(suffix)
+    root.mkdir()
+    try:
+        scratch = store.LocalStore(root)
+        try:
+            _download(remote, name, scratch, reporter)
+        except NotFound:
+            where = f"on this host's disk ({settings.BACKUP_ROOT}) nor in" if elsewhere else "in"
+            raise SourceError(f"there is no backup named {name} {where} {remote.url()}") from None
+        except OperationFailed as exc:
+            if elsewhere:
+                raise SourceError(
+                    f"{name} is not on this host's disk, and the copy in the bucket could not be used: {exc}"
+                ) from None
+            raise SourceError(f"{label}: {exc}") from None
+        yield Source(scratch, name, label, scratch=True, downloaded_from=remote.url(name))
+    finally:
+        local.remove_partial(suffix)
+
+
+def _download(remote, name: str, scratch: store.LocalStore, reporter: Reporter) -> None:
+    data = remote.read_manifest(name)
+    try:
+        document = manifest.parse(data)
+    except manifest.ManifestError as exc:
+        raise SourceError(f"{remote.url(name)}{manifest.MANIFEST}: {exc}") from None
+    counter = Counter(sum(entry.size for entry in document.files.values()))
+    free = scratch.free_bytes()
+    if counter.total > free:
+        raise SourceError(
+            f"not enough free disk space in {settings.BACKUP_ROOT} to download {name}: it needs "
+            f"{counter.total:,} bytes and {free:,} are free. Free some space, then try again"
+        )
+    reporter.phase(f"downloading {name}")
+    staging = scratch.staging_path(name)
+    staging.mkdir()
+    buffer = memoryview(bytearray(gz.CHUNK))  # one, reused: the store's read-ahead is memory enough
+    for member, entry in document.files.items():
+        received = 0
+        # Not the store's open_write, which syncs every file to disk: this copy lives for one run.
+        with remote.open_read(name, member) as source, open(staging / check_member(member), "xb") as out:
+            while count := source.readinto(buffer):
+                received += count
+                if received > entry.size:
+                    # The preflight would refuse it; not worth filling the disk first.
+                    raise SourceError(f"{remote.url(name)}{member} is larger than its manifest records (altered)")
+                out.write(buffer[:count])
+                counter.add(count)
+                reporter.progress(counter.done, counter.total)
+    scratch.publish(name, data)
 
 
 @contextlib.contextmanager
@@ -158,17 +269,18 @@ def unpacking(stream, *, label: str, keys: crypto.DecryptionKeys | None = None) 
                 while stream.read(1 << 20):
                     pass
         scratch.publish("bundle", manifest_bytes)
-        yield Source(scratch, "bundle", label, unpacked=True)
+        yield Source(scratch, "bundle", label, unpacked=True, scratch=True)
     finally:
         local.remove_partial(suffix)
 
 
 def unpack_owner(suffix: str) -> tuple[str, int] | None:
-    """(host, pid) of the process that owns a hidden unpack directory, from its name."""
-    if not suffix.startswith(UNPACK_PREFIX):
+    """(host, pid) of the process that owns a hidden unpack or download directory, from its name."""
+    prefix = next((p for p in (UNPACK_PREFIX, DOWNLOAD_PREFIX) if suffix.startswith(p)), None)
+    if prefix is None:
         return None
     try:
-        host, pid, _token = suffix[len(UNPACK_PREFIX) :].rsplit("-", 2)
+        host, pid, _token = suffix[len(prefix) :].rsplit("-", 2)
         return host, int(pid)
     except ValueError:
         return None

@@ -12,17 +12,19 @@ from django.utils import timezone
 from trusca.backups import locks, store
 from trusca.backups.models import Backup
 from trusca.backups.operations.backup import record_failure
+from trusca.backups.operations.offload import offload_sweep
 from trusca.backups.operations.restore import restore_recover
 from trusca.backups.operations.sources import unpack_owner
 
 
 def sweep() -> list[str]:
-    """Finish or undo a killed restore; mark failed the runs whose process died and remove their
-    partial files. Returns one line per thing done."""
+    """Finish or undo a killed restore; mark failed the runs and off-host copies whose process
+    died and remove their partial files. Returns one line per thing done."""
     done = []
     if recovered := restore_recover():
         done.append(recovered)
     done += [f"marked failed: {name} (worker lost)" for name in _sweep_rows()]
+    done += offload_sweep()
     _sweep_partials()
     return done
 

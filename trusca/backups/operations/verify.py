@@ -98,8 +98,9 @@ def backup_sign(src: Source, *, actor: str, keys: crypto.DecryptionKeys | None =
     whole, record the uncompressed sizes it lacks, and sign its manifest with this key."""
     from trusca.portal import audit
 
-    if not hasattr(src.store, "path"):
-        raise VerifyFailed("only a backup on this host's disk can be signed")
+    if src.scratch or not hasattr(src.store, "path"):
+        # A bundle or a bucket's copy is read through a copy made for this run, gone afterwards.
+        raise VerifyFailed("only a backup directory on this host's disk can be signed; copy or unpack it there first")
     report = backup_verify(src, keys=keys, trust_unsigned=True)
     if report.unchecked:
         raise VerifyFailed(

@@ -32,7 +32,9 @@ class StepLines(LiveLine):
 class Command(OperationCommand):
     help = (
         "Restore the database and the workspace from SOURCE: a backup directory (either naming "
-        "format), a bundle .tar.gz, or a backup's name. Everything is checked before anything "
+        "format), a bundle .tar.gz, a backup's name (in BACKUP_ROOT, else in the bucket BACKUP_S3_BUCKET), "
+        "or s3://BUCKET/PREFIX/NAME; one in a bucket is first downloaded, its checksums checked on the way. "
+        "Everything is checked before anything "
         "changes; the portal goes into maintenance mode and a safety backup of the current state is "
         "taken first; the database is restored in one transaction and the workspace swapped in, so a "
         "failure or a crash leaves the portal as it was, or finishes the restore at the next start."
@@ -40,7 +42,9 @@ class Command(OperationCommand):
     action = "Restore"
 
     def add_arguments(self, parser):
-        parser.add_argument("source", nargs="?", help="backup directory, bundle file, or backup name")
+        parser.add_argument(
+            "source", nargs="?", help="backup directory, bundle file, backup name, or s3://BUCKET/PREFIX/NAME"
+        )
         parser.add_argument("--yes", action="store_true", help="do not ask for confirmation (automation)")
         parser.add_argument(
             "--no-safety-backup",
@@ -69,13 +73,18 @@ class Command(OperationCommand):
         if not source:
             raise CommandError("name the backup to restore: manage.py restore SOURCE (see --help)")
         reporter = StepLines(self, timed=options["verbosity"] >= 2)
+        download = LiveLine(label="downloading")
         try:
             with operations.restore_prepare(
                 source=source,
                 keys=decryption_keys(options),
                 trust_unsigned=trust_unsigned,
                 safety_backup=not no_safety_backup,
+                reporter=download,
             ) as plan:
+                download.clear()
+                if plan.source.downloaded_from:
+                    reporter.step(f"downloaded {plan.source.downloaded_from}")
                 if plan.members is None:
                     reporter.step(
                         "preflight: signature, checksums, keys, migrations and free space "
@@ -99,6 +108,8 @@ class Command(OperationCommand):
             raise CommandError(f"{exc}; nothing was changed. Wait for it to finish, then restore again.") from None
         except operations.OperationFailed as exc:
             raise CommandError(f"Restore failed: {exc}") from None
+        finally:
+            download.clear()
         expected = plan.manifest.db_revision
         if outcome.revision_after == expected:
             self.stdout.write(f"✓ db revision matches manifest ({expected})")

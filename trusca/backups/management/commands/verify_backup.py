@@ -4,12 +4,14 @@ from django.core.management.base import CommandError
 
 from trusca.backups import operations
 from trusca.backups.management.base import OperationCommand, add_decryption_options, decryption_keys
+from trusca.backups.terminal import LiveLine
 
 
 class Command(OperationCommand):
     help = (
         "Check a backup without restoring it. SOURCE is a backup directory (either naming format), "
-        "a bundle .tar.gz, or a backup's name in BACKUP_ROOT. The manifest must be signed with this "
+        "a bundle .tar.gz, a backup's name in BACKUP_ROOT (else in the bucket), or s3://BUCKET/PREFIX/NAME "
+        "(downloaded first). The manifest must be signed with this "
         "installation's key, each file's size and sha256 must match, each gzip stream must be intact "
         "to its end and no longer than recorded, and every workspace member safe to extract. Exits 0 "
         "when all hold, 1 naming the first fault otherwise."
@@ -17,7 +19,10 @@ class Command(OperationCommand):
     action = "Verify"
 
     def add_arguments(self, parser):
-        parser.add_argument("source", help="backup directory, bundle file (.tar.gz or .tar.gz.gpg), or backup name")
+        parser.add_argument(
+            "source",
+            help="backup directory, bundle file (.tar.gz or .tar.gz.gpg), backup name, or s3://BUCKET/PREFIX/NAME",
+        )
         parser.add_argument(
             "--trust-unsigned",
             action="store_true",
@@ -36,14 +41,18 @@ class Command(OperationCommand):
 
     def handle(self, *args, source, trust_unsigned, sign, **options):
         keys = decryption_keys(options)
+        download = LiveLine(label="downloading")
         try:
-            with operations.open_source(source, keys=keys) as src:
+            with operations.open_source(source, keys=keys, reporter=download) as src:
+                download.clear()
                 if sign:
                     report = operations.backup_sign(src, actor=f"cli:{getpass.getuser()}", keys=keys)
                 else:
                     report = operations.backup_verify(src, keys=keys, trust_unsigned=trust_unsigned)
         except operations.OperationFailed as exc:
             raise CommandError(f"{source} is not a good backup: {exc}") from None
+        finally:
+            download.clear()
         document = report.manifest
         for name, entry in document.files.items():
             if name in report.unchecked:
