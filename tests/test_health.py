@@ -81,11 +81,12 @@ def test_a_monitor_with_the_token_reads_the_json(db, client):
         "last_auto",
         "schedule",
         "stored_copies",
+        "offsite",
     ]
     assert set(body["checks"]["database"]) == {"title", "state", "detail", "action"}
 
     page = client.get(URL, headers={"authorization": f"Bearer {TOKEN}"})
-    assert page.content.count(b"<tr data-check=") == 9
+    assert page.content.count(b"<tr data-check=") == 10
     assert b'id="nav-sidebar"' not in page.content, "the token shows the health page, not the admin"
 
 
@@ -114,10 +115,10 @@ def test_staff_read_the_page_in_the_admin_and_others_are_sent_to_sign_in(db, cli
     page = staff_client.get(URL)
     assert page.status_code in (200, 503)
     assert b"<title>Health | TRUSCA</title>" in page.content
-    assert page.content.count(b"<tr data-check=") == 9
+    assert page.content.count(b"<tr data-check=") == 10
     # A proxy's own Basic sign-in in front of the admin is not taken for a wrong health token.
     behind_proxy = staff_client.get(URL, headers={"authorization": "Basic cHJveHk6c2VjcmV0"})
-    assert behind_proxy.content.count(b"<tr data-check=") == 9
+    assert behind_proxy.content.count(b"<tr data-check=") == 10
 
     client.logout()
     anonymous = client.get(URL)

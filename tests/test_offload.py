@@ -7,6 +7,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tarfile
@@ -275,7 +276,7 @@ def test_a_backup_only_in_the_bucket_is_downloaded_and_restored_from_its_s3_url(
     shutil.rmtree(store.local().path(name))
     run("sync_backups")
     assert row(name).location == "s3"
-    bundle = b"".join(su_client.post(reverse("backups:download", args=[row(name).pk])).streaming_content)
+    bundle = b"".join(su_client.get(reverse("backups:download", args=[row(name).pk])).streaming_content)
     with tarfile.open(fileobj=io.BytesIO(bundle)) as tar:
         assert tar.extractfile("manifest.json").read() == body(s3, f"backups/{name}/manifest.json")
 
@@ -446,8 +447,9 @@ def test_an_admin_backup_is_copied_by_the_worker(s3, celery_worker, su_client):
 def test_a_download_whose_process_died_is_swept_and_a_live_ones_kept(db, settings):
     settings.BACKUP_ROOT.mkdir()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    gone = settings.BACKUP_ROOT / f".partial-download-{dead.stdout.strip()}-0a1b2c3d"
-    alive = settings.BACKUP_ROOT / f".partial-download-{os.getpid()}-0a1b2c3d"
+    host = socket.gethostname()
+    gone = settings.BACKUP_ROOT / f".partial-download-{host}-{dead.stdout.strip()}-0a1b2c3d"
+    alive = settings.BACKUP_ROOT / f".partial-download-{host}-{os.getpid()}-0a1b2c3d"
     for directory in (gone, alive):
         (directory / "auto-20260101T000000Z").mkdir(parents=True)
     operations.sweep()
@@ -465,3 +467,26 @@ def test_the_copy_task_waits_while_a_restore_holds_maintenance_mode(db, s3):
             tasks.offload_backup.apply(args=["auto-20260509T030000Z"], throw=True)
     finally:
         maintenance.leave()
+
+
+def test_the_weekly_check_reads_the_buckets_copies_back_and_the_health_page_says_a_copy_failed(demo, s3, client):
+    from trusca.backups import health
+    from trusca.backups.operations import reverify
+
+    name, _, _ = backup()
+    assert {c.id: c for c in health.run_checks().checks}["offsite"].state == health.OK
+    key = f"backups/{name}/workspace.tar.gz"
+    data = bytearray(body(s3, key))
+    data[len(data) // 3] ^= 0xFF
+    s3.client().put_object(Bucket=s3.bucket, Key=key, Body=bytes(data), Metadata=objects(s3)[key]["Metadata"])
+
+    report = reverify.reverify_stored()
+    assert name in report.intact  # the copy on this host's disk
+    assert [damaged for damaged, _why in report.damaged] == [f"{name} (S3)"]
+    assert row(name).offsite == Backup.Offsite.FAILED
+    assert row(name).offsite_message.startswith("damaged in the bucket")
+    offsite = {c.id: c for c in health.run_checks().checks}["offsite"]
+    assert offsite.state == health.FAILING and "copy of the latest backup failed" in offsite.detail
+    out, _ = run("offload", "--missing")  # the copy from this host's disk replaces the damaged one
+    assert row(name).offsite == Backup.Offsite.COPIED
+    assert reverify.reverify_stored().damaged == []

@@ -326,6 +326,25 @@ def _stored_copies():
     return OK, f"{report['intact']} intact at the weekly check {_ago(when)}"
 
 
+def _offsite():
+    if not settings.BACKUP_S3_BUCKET:
+        return OK, "no off-host copy: BACKUP_S3_BUCKET is not set (README, Off-host copies in S3)"
+    latest = Backup.objects.filter(status=Backup.Status.SUCCEEDED, local=True).defer("manifest").first()
+    if latest is None:
+        return OK, f"no backup to copy to s3://{settings.BACKUP_S3_BUCKET}/{settings.BACKUP_S3_PREFIX} yet"
+    where = f"s3://{settings.BACKUP_S3_BUCKET}/{settings.BACKUP_S3_PREFIX}{latest.name}"
+    if latest.offsite == Backup.Offsite.COPIED:
+        return OK, f"the latest backup is copied: {where}"
+    if latest.offsite == Backup.Offsite.FAILED:
+        return (
+            FAILING,
+            f"the copy of the latest backup failed: {latest.offsite_message}",
+            "Fix what the reason names (credentials, bucket, network), then Retry copy on the Backup page "
+            "or run manage.py offload --missing.",
+        )
+    return OK, f"the latest backup's copy is {latest.get_offsite_display() or 'not started yet'}"
+
+
 PROBES = (
     _Probe("database", "Database", _database, "Check that the database server is up and DATABASE_URL reaches it."),
     _Probe(
@@ -346,4 +365,5 @@ PROBES = (
     _Probe("last_auto", "Last nightly backup", _last_auto, "Check that the database answers.", "database"),
     _Probe("schedule", "Nightly schedule", _schedule, "Check that the database answers.", "database"),
     _Probe("stored_copies", "Stored copies", _stored_copies, "Check that the database answers.", "database"),
+    _Probe("offsite", "Off-host copy (S3)", _offsite, "Check that the database answers.", "database"),
 )

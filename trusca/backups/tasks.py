@@ -121,6 +121,11 @@ def retention_sweep(self) -> None:
             log.warning("retention sweep skipped today: %s all day; it runs again tomorrow", exc)
             return
         raise self.retry(countdown=SWEEP_RETRY_SECONDS)
+    # The bucket keeps its own days (BACKUP_S3_RETENTION_DAYS) and needs no lock: copies claim rows.
+    try:
+        operations.offsite_prune()
+    except operations.OperationFailed as exc:
+        log.warning("retention in the bucket skipped today: %s", exc)
 
 
 @shared_task(bind=True, max_retries=SWEEP_TRIES)
