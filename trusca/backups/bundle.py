@@ -82,12 +82,25 @@ def write(store: Store, name: str, manifest: Manifest, manifest_bytes: bytes, ta
 def unpack(source: BinaryIO, store: Store, name: str) -> bytes:
     """Unpack a bundle stream into the unpublished backup ``name`` of ``store``; returns the
     manifest's bytes for the caller to check before publishing. Only the known member names, as
-    regular files, once each: anything else is refused before a byte of it is written."""
+    regular files, once each: anything else is refused before a byte of it is written.
+
+    The tar framing is read by hand, header by header (``TarInfo.frombuf`` checks each), and the
+    members copied through one buffer: tarfile's stream mode cost 2.3-2.8 s of CPU per GB here,
+    most of an upload's, for three members whose names we know."""
     seen: set[str] = set()
     manifest = None
+    buffer = memoryview(bytearray(gz.CHUNK))
     try:
-        with igzip.open(source, "rb") as unzipped, tarfile.open(fileobj=unzipped, mode="r|") as tar:
-            for info in tar:
+        with igzip.open(source, "rb") as unzipped:
+            while (header := _exactly(unzipped, tarfile.BLOCKSIZE)) != _END:
+                info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
+                if info.type in _EXTENDED:
+                    # Attributes of the next member (a bundle tarred by hand): its name in the
+                    # plain header is the one that counts here.
+                    if info.size > MAX_MANIFEST_BYTES:
+                        raise BundleError("the bundle holds an extended header too large to be a bundle's")
+                    _exactly(unzipped, info.size + -info.size % tarfile.BLOCKSIZE)
+                    continue
                 if info.name not in MEMBERS:
                     raise BundleError(f"the bundle holds an unexpected member {info.name!r}")
                 if not info.isreg():
@@ -95,20 +108,39 @@ def unpack(source: BinaryIO, store: Store, name: str) -> bytes:
                 if info.name in seen:
                     raise BundleError(f"the bundle holds {info.name!r} twice")
                 seen.add(info.name)
-                src = tar.extractfile(info)
                 if info.name == MANIFEST:
                     if info.size > MAX_MANIFEST_BYTES:
                         raise BundleError(f"the bundle's {MANIFEST} is larger than {MAX_MANIFEST_BYTES} bytes")
-                    manifest = src.read()
-                    continue
-                with store.open_write(name, info.name) as out:
-                    while chunk := src.read(gz.CHUNK):
-                        out.write(chunk)
+                    manifest = _exactly(unzipped, info.size)
+                else:
+                    with store.open_write(name, info.name) as out:
+                        _copy(unzipped, out, info.size, buffer)
+                _exactly(unzipped, -info.size % tarfile.BLOCKSIZE)
     except (tarfile.TarError, EOFError, igzip.BadGzipFile, UnicodeDecodeError) as exc:
         raise BundleError(f"the bundle does not read as a .tar.gz ({_reason(exc)})") from None
     if manifest is None:
         raise BundleError(f"the bundle has no {MANIFEST}")
     return manifest
+
+
+_END = bytes(tarfile.BLOCKSIZE)
+_EXTENDED = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK)
+
+
+def _exactly(stream, size: int) -> bytes:
+    data = stream.read(size)
+    if len(data) != size:
+        raise EOFError("the stream ends in the middle of the bundle (truncated)")
+    return data
+
+
+def _copy(stream, out, size: int, buffer: memoryview) -> None:
+    while size:
+        count = stream.readinto(buffer[: min(len(buffer), size)])
+        if not count:
+            raise EOFError("the stream ends in the middle of a member (truncated)")
+        out.write(buffer[:count])
+        size -= count
 
 
 def _reason(exc: BaseException) -> str:
