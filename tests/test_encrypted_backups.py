@@ -221,3 +221,55 @@ def test_no_plaintext_ever_reaches_the_disk_while_an_encrypted_backup_is_written
     [backup] = backup_dirs()
     assert PASSPHRASE not in (backup / "manifest.json").read_text()
     call_command("verify_backup", str(backup), stdout=io.StringIO())
+
+
+def test_the_admin_restores_a_backup_encrypted_to_a_key_with_the_key_given_for_that_restore_only(
+    demo, recipient, su_client, monkeypatch
+):
+    from django.urls import reverse
+
+    from trusca.backups import operations, tasks
+    from trusca.backups.models import Backup
+
+    before = live_state()
+    backup = encrypted_backup()
+    pk = Backup.objects.get(name=backup.name).pk
+    change_everything()
+    changed = live_state()
+    queued: list[str] = []
+    monkeypatch.setattr(tasks.run_restore, "delay", queued.append)
+    restore_url = reverse("backups:restore_backup", args=[pk]) + "?confirmation=restore"
+    gate = {"X-Confirm-Restore": "yes", "accept": "application/json"}
+
+    form = "application/x-www-form-urlencoded"
+    refused = su_client.post(restore_url, data="", content_type=form, headers=gate)
+    assert refused.status_code == 422 and "no key given opens it" in refused.json()["detail"]
+    held = su_client.post(
+        reverse("backups:restore_keys"),
+        data=json.dumps({"secret_key": recipient.secret, "key_passphrase": recipient.passphrase}),
+        content_type="application/json",
+    )
+    assert held.status_code == 201
+    token = held.json()["token"]
+    accepted = su_client.post(restore_url, data="", content_type=form, headers={**gate, "X-Restore-Keys": token})
+    assert accepted.status_code == 202, accepted.content
+    assert live_state() == changed
+    assert recipient.secret not in json.dumps(accepted.json())
+
+    operations.restore_run_queued(restore_id=queued[0])  # what the worker runs
+    assert live_state() == before
+    with pytest.raises(operations.KeysExpired):  # held for that restore only
+        operations.restore_jobs.held_keys(token)
+
+
+def test_keys_held_for_a_restore_expire_and_are_asked_for_again(db, su_client, superuser):
+    from django.urls import reverse
+
+    from trusca.backups import operations
+
+    token = operations.hold_keys(passphrase="for one restore")
+    operations.forget_keys(token)
+    bad = su_client.post(reverse("backups:restore_keys"), data="not json", content_type="application/json")
+    assert bad.status_code == 400
+    with pytest.raises(operations.KeysExpired, match="give them again"):
+        operations.restore_jobs.held_keys(token)

@@ -100,6 +100,9 @@
         const restoreText = document.getElementById("restore-text");
         const steps = document.getElementById("restore-steps");
         const token = form.querySelector("input[name=csrfmiddlewaretoken]").value;
+        const keyFile = form.querySelector("#restore-key");
+        const passphrase = form.querySelector("#restore-passphrase");
+        let keysToken = "";
         let busy = false;
 
         function ready() {
@@ -191,7 +194,34 @@
         }
 
         function headers() {
-            return {"X-CSRFToken": token, "X-Confirm-Restore": "yes", Accept: "application/json"};
+            const sent = {"X-CSRFToken": token, "X-Confirm-Restore": "yes", Accept: "application/json"};
+            if (keysToken) {
+                sent["X-Restore-Keys"] = keysToken;
+            }
+            return sent;
+        }
+
+        // A private key or a passphrase for an encrypted backup, held on the server for this
+        // restore only; the requests that follow name it by its token. False when refused.
+        async function holdKeys() {
+            keysToken = "";
+            const key = keyFile && keyFile.files.length === 1 ? await keyFile.files[0].text() : "";
+            const secret = passphrase ? passphrase.value : "";
+            if (!key && !secret) {
+                return true;
+            }
+            const response = await fetch(keyFile.dataset.keysUrl, {
+                method: "POST",
+                headers: {"X-CSRFToken": token, "Content-Type": "application/json", Accept: "application/json"},
+                credentials: "same-origin",
+                body: JSON.stringify(key ? {secret_key: key, key_passphrase: secret} : {passphrase: secret}),
+            });
+            if (response.status !== 201) {
+                refused(await problemText(response));
+                return false;
+            }
+            keysToken = (await response.json()).token;
+            return true;
         }
 
         function query() {
@@ -265,6 +295,9 @@
             const params = query();
             setBusy(true);
             try {
+                if (!(await holdKeys())) {
+                    return;
+                }
                 if (file) {
                     const chosen = file.files[0];
                     // Every gate first, without the body: a refusal then costs no upload.

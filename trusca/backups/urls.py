@@ -12,6 +12,7 @@ urlpatterns = [
     # Reachable during maintenance (maintenance.ALLOWED_PREFIXES): the restore's own progress.
     path("restore/status", views.restore_status, name="restore_status"),
     path("restore/done", views.restore_done, name="restore_done"),
+    path("restore/keys", views.restore_keys, name="restore_keys"),
     path("<int:pk>/status", views.status, name="status"),
     path("<int:pk>/download", views.download, name="download"),
     path("<int:pk>/restore", views.restore_backup, name="restore_backup"),

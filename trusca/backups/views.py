@@ -6,6 +6,7 @@ admin login, like the rest of the admin; every other refusal is an RFC 9457 prob
 a script and, to a browser, the admin's page with a message.
 """
 
+import json
 import re
 from functools import wraps
 from urllib.parse import urlencode
@@ -289,6 +290,8 @@ def offload(request, pk: int):
 # upload instead of after it.
 
 CONFIRM_HEADER = "X-Confirm-Restore"
+# The token of the decryption keys held for this restore (restore_keys), when it needs any.
+KEYS_HEADER = "X-Restore-Keys"
 CONFIRMATION = "restore"
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 JOB_COOKIE = "trusca_restore"
@@ -300,6 +303,7 @@ _REFUSALS = (
     (operations.UploadTooLarge, 413, "upload_too_large", "The bundle is too large for the admin"),
     (operations.NotEnoughSpace, 507, "insufficient_storage", "Not enough disk space"),
     (operations.UploadIncomplete, 400, "upload_incomplete", "The upload did not arrive whole"),
+    (operations.KeysExpired, 400, "restore_keys_expired", "Give the key or passphrase again"),
     (operations.RestoreUntrusted, 422, "backup_not_trusted", "Not signed by this installation"),
     (operations.RestoreRefused, 422, "restore_refused", "This backup cannot be restored"),
     (operations.QueueUnavailable, 503, "queue_unavailable", "The task queue is unavailable"),
@@ -482,6 +486,7 @@ def restore(request):
             actor=request.user.get_username(),
             trust_unsigned=_trusts_unsigned(request, upload=True),
             send=tasks.run_restore.delay,
+            keys_token=request.headers.get(KEYS_HEADER, ""),
             request=request,
         )
     except operations.OperationFailed as exc:
@@ -515,11 +520,32 @@ def restore_backup(request, pk: int):
             actor=request.user.get_username(),
             trust_unsigned=_trusts_unsigned(request, upload=False),
             send=tasks.run_restore.delay,
+            keys_token=request.headers.get(KEYS_HEADER, ""),
             request=request,
         )
     except operations.OperationFailed as exc:
         return _refusal(request, exc)
     return _accepted(request, job)
+
+
+@_guard(superuser=True)
+@require_POST
+def restore_keys(request):
+    """Hold a private key and its passphrase, or a backup's passphrase, for one restore: the
+    restore runs on a worker, so they wait in the cache under the token returned (15 minutes at
+    most, removed when the restore ends). JSON in, never a form: nothing of it is logged."""
+    try:
+        given = json.loads(request.body or b"{}")
+        token = operations.hold_keys(
+            secret_key=str(given.get("secret_key") or ""),
+            key_passphrase=str(given.get("key_passphrase") or ""),
+            passphrase=str(given.get("passphrase") or ""),
+        )
+    except (ValueError, AttributeError):
+        return problem(400, "bad_request", "Not JSON", "Send the keys as a JSON object. Nothing was changed.")
+    except operations.OperationFailed as exc:
+        return problem(400, "bad_request", "No usable key", str(exc))
+    return JsonResponse({"token": token}, status=201)
 
 
 def _job(request) -> operations.RestoreJob | None:

@@ -50,12 +50,15 @@ from trusca.backups.operations.restore import (
     restore_status,
 )
 from trusca.backups.operations.restore_jobs import (
+    KeysExpired,
     NotEnoughSpace,
     QueueUnavailable,
     RestoreJob,
     RestoreUntrusted,
     UploadIncomplete,
     UploadTooLarge,
+    forget_keys,
+    hold_keys,
     restore_enqueue,
     restore_job,
     restore_run_queued,
@@ -68,6 +71,7 @@ from trusca.backups.operations.sweep import sweep
 from trusca.backups.operations.verify import Untrusted, VerifyFailed, VerifyReport, backup_sign, backup_verify
 
 __all__ = [
+    "KeysExpired",
     "BackupFailed",
     "BackupOutcome",
     "CopyInProgress",
@@ -111,6 +115,8 @@ __all__ = [
     "offload_run",
     "offsite_prune",
     "open_source",
+    "forget_keys",
+    "hold_keys",
     "restore_enqueue",
     "restore_job",
     "restore_prepare",

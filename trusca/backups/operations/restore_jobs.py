@@ -90,6 +90,7 @@ class RestoreJob:
     trust_unsigned: bool
     taken_at: str  # the backup's time (ISO 8601): what the restored state dates from
     queued_at: str
+    keys_token: str = ""  # the decryption keys held for this restore (hold_keys), never the keys
     state: str = QUEUED
     step: str = "queued"
     steps: list[str] = field(default_factory=list)  # the CLI's ✓ lines
@@ -236,10 +237,13 @@ def _reserved(what: str) -> Iterator[_Reservation]:
 
 
 @contextlib.contextmanager
-def prepared(source: str, *, trust_unsigned: bool, thorough: bool = False) -> Iterator[RestorePlan]:
+def prepared(
+    source: str, *, trust_unsigned: bool, thorough: bool = False, keys_token: str = ""
+) -> Iterator[RestorePlan]:
     """``manage.py restore``'s preflight (``RestoreRefused`` in its words), and the second
     confirmation for a backup no key of this installation vouches for."""
-    with restore_prepare(source=source, trust_unsigned=True, thorough=thorough) as plan:
+    keys = held_keys(keys_token) if keys_token else None
+    with restore_prepare(source=source, keys=keys, trust_unsigned=True, thorough=thorough) as plan:
         if not manifest.trusted(plan.signature) and not trust_unsigned:
             raise RestoreUntrusted(
                 f"its manifest is {plan.signature}: this installation's BACKUP_SIGNING_KEY does not vouch for it, and "
@@ -257,6 +261,7 @@ def _enqueue(
     actor: str,
     trust_unsigned: bool,
     send: Callable[[str], None],
+    keys_token: str = "",
     request=None,
 ) -> RestoreJob:
     job = RestoreJob(
@@ -264,6 +269,7 @@ def _enqueue(
         backup=backup,
         actor=actor,
         trust_unsigned=trust_unsigned,
+        keys_token=keys_token,
         taken_at=taken_at.isoformat(),
         queued_at=timezone.now().isoformat(),
     )
@@ -289,11 +295,20 @@ def _enqueue(
 
 
 def restore_enqueue(
-    *, backup: str, actor: str, trust_unsigned: bool, send: Callable[[str], None], request=None
+    *,
+    backup: str,
+    actor: str,
+    trust_unsigned: bool,
+    send: Callable[[str], None],
+    keys_token: str = "",
+    request=None,
 ) -> RestoreJob:
     """Queue the restore of a stored backup, after its preflight."""
     with _reserved(f"a restore of {backup}") as reservation:
-        with ticking(reservation.run.heartbeat), prepared(backup, trust_unsigned=trust_unsigned) as plan:
+        with (
+            ticking(reservation.run.heartbeat),
+            prepared(backup, trust_unsigned=trust_unsigned, keys_token=keys_token) as plan,
+        ):
             taken_at = plan.taken_at
         return _enqueue(
             reservation,
@@ -302,8 +317,59 @@ def restore_enqueue(
             actor=actor,
             trust_unsigned=trust_unsigned,
             send=send,
+            keys_token=keys_token,
             request=request,
         )
+
+
+# Keys for one restore ---------------------------------------------------------------------------
+#
+# A backup encrypted to a public key opens only with the private key, which the portal does not
+# keep: the operator gives it (and its passphrase, or the backup's passphrase) on the restore
+# page, for that restore only. The restore runs on a worker, so the keys wait for it in the cache
+# under a random token, for at most KEYS_TTL_SECONDS, and are removed as soon as the restore ends;
+# they are never written to the database, a backup, a log or the job's record (which holds the
+# token only).
+
+KEYS_TTL_SECONDS = 15 * 60
+KEYS_TOKEN = re.compile(r"^[0-9a-f]{32}$")
+MAX_KEY_BYTES = 64 * 1024
+
+
+class KeysExpired(OperationFailed):
+    pass
+
+
+def hold_keys(*, secret_key: str = "", key_passphrase: str = "", passphrase: str = "") -> str:
+    if not (secret_key or passphrase):
+        raise OperationFailed("give a private key or a passphrase. Nothing was changed.")
+    if len(secret_key.encode()) > MAX_KEY_BYTES or len(key_passphrase) > 255 or len(passphrase) > 255:
+        raise OperationFailed("the key or the passphrase is too long to be one. Nothing was changed.")
+    token = secrets.token_hex(16)
+    held = {
+        "secret_key": secret_key or None,
+        "key_passphrase": key_passphrase or None,
+        "passphrase": passphrase or None,
+    }
+    cache.set(_key("keys", token), held, timeout=KEYS_TTL_SECONDS)
+    return token
+
+
+def held_keys(token: str):
+    from trusca.backups.operations.sources import decryption_keys
+
+    held = cache.get(_key("keys", token)) if KEYS_TOKEN.match(token or "") else None
+    if held is None:
+        raise KeysExpired(
+            "the key or passphrase given for this restore is no longer held (they are kept for "
+            f"{KEYS_TTL_SECONDS // 60} minutes, for one restore): give them again. Nothing was changed."
+        )
+    return decryption_keys(**held)
+
+
+def forget_keys(token: str) -> None:
+    if token and KEYS_TOKEN.match(token):
+        cache.delete(_key("keys", token))
 
 
 # Uploads -----------------------------------------------------------------------------------------
@@ -332,19 +398,26 @@ def restore_upload(
     actor: str,
     trust_unsigned: bool,
     send: Callable[[str], None],
+    keys_token: str = "",
     request=None,
 ) -> RestoreJob:
     """Receive a bundle from ``stream`` (``length`` bytes, or up to its end when None), check it
     as ``manage.py restore`` would, keep it as an ``uploaded`` backup and queue its restore. A
     refused or broken upload leaves nothing behind."""
     upload_check(length=length)
+    keys = held_keys(keys_token) if keys_token else None
     with _reserved(f"an upload and restore of {label}") as reservation:
         body = _Body(stream, length=length, run=reservation.run)
         try:
-            with unpacking(body, label=label) as src:
+            with unpacking(body, label=label, keys=keys) as src:
                 with (
                     ticking(reservation.run.heartbeat),
-                    prepared(str(src.store.path(src.name)), trust_unsigned=trust_unsigned, thorough=True) as plan,
+                    prepared(
+                        str(src.store.path(src.name)),
+                        trust_unsigned=trust_unsigned,
+                        thorough=True,
+                        keys_token=keys_token,
+                    ) as plan,
                 ):
                     taken_at, signature = plan.taken_at, plan.signature
                 name = _publish(src.store.path(src.name))
@@ -371,6 +444,7 @@ def restore_upload(
             actor=actor,
             trust_unsigned=trust_unsigned,
             send=send,
+            keys_token=keys_token,
             request=request,
         )
 
@@ -472,7 +546,9 @@ def restore_run_queued(*, restore_id: str) -> RestoreOutcome | None:
     try:
         with ticking(job.beat), contextlib.ExitStack() as stack:
             with ticking(run.heartbeat):  # restore_run keeps the lock from here on
-                plan = stack.enter_context(prepared(job.backup, trust_unsigned=job.trust_unsigned))
+                plan = stack.enter_context(
+                    prepared(job.backup, trust_unsigned=job.trust_unsigned, keys_token=job.keys_token)
+                )
             run.checkpoint()
             job.save(step=RESTORING)
             outcome = restore_run(plan=plan, actor=job.actor, reporter=_Steps(job), lock=lock)
@@ -489,6 +565,7 @@ def restore_run_queued(*, restore_id: str) -> RestoreOutcome | None:
         raise
     finally:
         lock.release()
+        forget_keys(job.keys_token)
     notes = []
     if plan.behind or outcome.revision_after != plan.manifest.db_revision:
         notes.append(
