@@ -17,13 +17,11 @@ from django.conf import settings
 from django.db import connection
 
 from tests.helpers import database_url, tree
+from tests.test_restore_command import REWRITTEN  # rows a restore rewrites on purpose
 
 pytest_plugins = ["tests.s3server"]  # the s3 and s3_server fixtures
 
 PASSWORD = "correct-horse-battery-staple"
-# Rows the restore rewrites on purpose (README, Restoring): the catalog is rebuilt from where the
-# backups are, sessions are flushed, and audit events recorded since the backup are kept on top.
-REWRITTEN = ("backups_backup", "django_session", "portal_auditevent")
 SNAPSHOT = """
 import json
 from django.db import connection

@@ -66,8 +66,8 @@ def test_the_backup_page_shows_the_schedule_and_the_nightly_backup_and_health_is
         page.get_by_role("link", name="Health").click()
         expect(page).to_have_url(f"{live_server.url}/admin/health")
         expect(page.locator(".health-summary")).to_have_attribute("data-health-status", "ok")
-        expect(page.locator("tr[data-check]")).to_have_count(9)
-        expect(page.locator('tr[data-check][data-state="ok"]')).to_have_count(9)
+        expect(page.locator("tr[data-check]")).to_have_count(10)
+        expect(page.locator('tr[data-check][data-state="ok"]')).to_have_count(10)
         expect(page.locator('tr[data-check="last_auto"]')).to_contain_text(f"{auto.name} succeeded")
         screenshot(page, "2-health")
 
