@@ -492,3 +492,16 @@ def test_a_catalog_row_with_an_unsafe_name_is_never_used_as_a_path(su_client, na
         assert_problem(response, 404, "backup_not_found")
     assert Backup.objects.filter(pk=row.pk).exists()
     assert "unsafe name" in caplog.text
+
+
+def test_a_server_error_is_logged_with_its_traceback(staff_client, monkeypatch, caplog):
+    def broken(pk):
+        raise RuntimeError("a bug nobody foresaw")
+
+    monkeypatch.setattr(operations, "get_backup", broken)
+    staff_client.raise_request_exception = False
+    with caplog.at_level("ERROR", logger="django.request"):
+        response = staff_client.get(reverse("backups:status", args=[1]))
+    assert response.status_code == 500
+    [record] = [r for r in caplog.records if r.name == "django.request"]
+    assert record.exc_info and "a bug nobody foresaw" in str(record.exc_info[1])

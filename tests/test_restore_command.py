@@ -392,6 +392,7 @@ def test_yes_at_the_prompt_restores_after_showing_what_will_happen(demo, monkeyp
     assert "! - REPLACE the current database content" in text
     assert f"! - REPLACE {settings.WORKSPACE_HOST_PATH} (if workspace.tar.gz present)" in text
     assert "! - LOSE everything written since " in text
+    assert " UTC (just now), kind cli" in text
     assert "Continue? [y/N] " in text
     assert lines[-1] == "Restore complete"
 
