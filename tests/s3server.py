@@ -14,11 +14,14 @@ Use it from a test module::
 own, sets BACKUP_S3_* settings and the AWS_* environment for boto3's credential chain (never a
 developer's ~/.aws, never the instance metadata service), and empties the bucket afterwards.
 ``S3Server.env()`` is the same environment for a child process (manage.py, a worker).
+``s3_least_privilege`` is ``s3`` with the credentials of a user holding exactly the IAM policy the
+README gives operators, which moto enforces (actions and resource ARNs).
 """
 
 import dataclasses
 import json
 import os
+import re
 import socket
 import sys
 import time
@@ -40,6 +43,18 @@ _ALLOW_LISTING_ONLY = {
     "Version": "2012-10-17",
     "Statement": [{"Effect": "Allow", "Action": ["s3:ListBucket", "s3:ListAllMyBuckets"], "Resource": "*"}],
 }
+README = Path(__file__).resolve().parent.parent / "README.md"
+# The README's policy names this bucket; the least-privilege user gets it for a bucket of its own.
+README_BUCKET = "acme-trusca-backups"
+LEAST_PRIVILEGE_BUCKET = "trusca-least-privilege"
+
+
+def readme_iam_policy(bucket: str) -> dict:
+    """The IAM policy of the README's "IAM policy: the least the portal needs", for ``bucket``."""
+    text = README.read_text()
+    section = text[text.index("### IAM policy: the least the portal needs") :]
+    block = re.search(r"```json\n(.*?)```", section, re.DOTALL)
+    return json.loads(block.group(1).replace(README_BUCKET, bucket))
 
 
 @dataclasses.dataclass
@@ -56,6 +71,7 @@ class S3Server:
     endpoint_url: str
     portal: Credentials  # allowed s3:* on everything
     lister: Credentials  # allowed to list, refused everything else
+    least: Credentials  # the README's least-privilege policy, for LEAST_PRIVILEGE_BUCKET only
     process: object
     bucket: str = ""
 
@@ -146,12 +162,31 @@ def start(log: Path) -> S3Server:
     iam = boto3.client("iam", endpoint_url=url, region_name=REGION, **_BOOTSTRAP)
     portal = _user(iam, "trusca-portal", _ALLOW_S3)
     lister = _user(iam, "trusca-lister", _ALLOW_LISTING_ONLY)
+    least = _user(iam, "trusca-least", _as_moto_names_it(readme_iam_policy(LEAST_PRIVILEGE_BUCKET)))
     request = urllib.request.Request(
         f"{url}/moto-api/reset-auth", data=b"0", method="POST", headers={"Content-Type": "text/plain"}
     )
     with urllib.request.urlopen(request, timeout=5):  # noqa: S310 - loopback
         pass
-    return S3Server(endpoint_url=url, portal=portal, lister=lister, process=proc)
+    return S3Server(endpoint_url=url, portal=portal, lister=lister, least=least, process=proc)
+
+
+def _as_moto_names_it(policy: dict) -> dict:
+    """The same rights in the terms moto checks, where they differ from AWS's (the S3 API
+    reference): AWS authorizes HeadBucket with s3:ListBucket, moto asks for an "s3:HeadBucket"
+    that IAM does not have; AWS authorizes DeleteObjects with s3:DeleteObject on each key, moto
+    on the bucket's ARN. Every other request is checked as AWS checks it."""
+    extra = []
+    for statement in policy["Statement"]:
+        actions = statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
+        resources = statement["Resource"] if isinstance(statement["Resource"], list) else [statement["Resource"]]
+        if "s3:ListBucket" in actions:
+            statement["Action"] = [*actions, "s3:HeadBucket"]
+        if "s3:DeleteObject" in actions:
+            buckets = sorted({r.split("/", 1)[0] for r in resources})
+            extra.append({"Effect": "Allow", "Action": "s3:DeleteObject", "Resource": buckets})
+    policy["Statement"] += extra
+    return policy
 
 
 def _user(iam, name: str, policy: dict) -> Credentials:
@@ -170,10 +205,18 @@ def s3_server(tmp_path_factory):
 
 @pytest.fixture
 def s3(s3_server, settings, monkeypatch):
-    bucket = f"trusca-test-{uuid.uuid4().hex[:12]}"
+    yield from _bucket(s3_server, f"trusca-test-{uuid.uuid4().hex[:12]}", s3_server.portal, settings, monkeypatch)
+
+
+@pytest.fixture
+def s3_least_privilege(s3_server, settings, monkeypatch):
+    yield from _bucket(s3_server, LEAST_PRIVILEGE_BUCKET, s3_server.least, settings, monkeypatch)
+
+
+def _bucket(s3_server: S3Server, bucket: str, credentials: Credentials, settings, monkeypatch):
     s3_server.client().create_bucket(Bucket=bucket)
     server = dataclasses.replace(s3_server, bucket=bucket)
-    for key, value in server.env().items():
+    for key, value in server.env(credentials).items():
         monkeypatch.setenv(key, value)
     settings.BACKUP_S3_BUCKET = bucket
     settings.BACKUP_S3_ENDPOINT_URL = server.endpoint_url

@@ -240,6 +240,45 @@ def test_delete_removes_a_backup_from_the_disk_and_the_bucket(demo, s3, su_clien
     assert objects(s3) == {} and not store.local().path(name).exists()
 
 
+# The README's IAM policy ------------------------------------------------------------------------
+
+
+def test_the_readmes_least_privilege_policy_is_enough_for_every_bucket_operation(
+    demo, s3_least_privilege, drop_tables_made_after_backup
+):
+    """Every call the portal makes, with credentials holding exactly the README's policy (moto
+    checks each request's action and resource ARN against it): a right missing there would fail
+    here as AccessDenied."""
+    s3 = s3_least_privilege
+    hand = s3.client(s3.least)
+    before = live_state()
+    name, _, _ = backup()
+    assert row(name).offsite == "copied", row(name).offsite_message
+
+    cut_short = "auto-20260101T000000Z"  # what a killed copy leaves: a file sent, a part in flight
+    hand.put_object(Bucket=s3.bucket, Key=f"backups/{cut_short}/postgres.sql.gz", Body=b"partial")
+    hand.create_multipart_upload(Bucket=s3.bucket, Key=f"backups/{cut_short}/workspace.tar.gz")
+    assert operations.offsite_prune() == []
+    assert sorted(objects(s3)) == sorted(f"backups/{name}/{f.name}" for f in store.local().path(name).iterdir())
+    assert uploads(s3) == []
+
+    shutil.rmtree(store.local().path(name))
+    run("sync_backups")
+    assert row(name).location == "s3"
+    run("verify_backup", name)
+    change_everything()
+    out, _ = run("restore", name, "--yes")
+    assert out[-1] == "Restore complete"
+    assert live_state() == before
+
+    safety = Backup.objects.get(kind="pre_restore").name
+    run("offload", safety)
+    with time_machine.travel(timezone.now() + timedelta(days=365)):
+        assert operations.offsite_prune() == [name], "retention in the bucket removes the older one"
+    operations.backup_delete(backup=row(safety), actor="root")
+    assert objects(s3) == {} and uploads(s3) == []
+
+
 # Restore from the bucket ------------------------------------------------------------------------
 
 
