@@ -70,6 +70,7 @@ def main() -> None:
     ds.migrate()
     target = Dataset("restore", {}, dbname="trusca_bench_restore")
     bash(f"dropdb --if-exists '{target.dbname}' && createdb '{target.dbname}'", env=pg_env("postgres")).check("db")
+    target.migrate()  # a restore goes into a portal's database, as on a new host after `migrate`
     target.workspace.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(ds.backup_root, ignore_errors=True)
     rows = []

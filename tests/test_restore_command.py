@@ -16,7 +16,15 @@ from django.contrib.sessions.backends.db import SessionStore
 from django.core.management import CommandError, call_command
 from django.db import connection
 
-from tests.helpers import backup_dirs, dump_name, replace_member, rewrite_manifest, subprocess_env, tree
+from tests.helpers import (
+    backup_dirs,
+    database_url,
+    dump_name,
+    replace_member,
+    rewrite_manifest,
+    subprocess_env,
+    tree,
+)
 from trusca.backups import maintenance, operations
 from trusca.backups.models import Backup
 from trusca.backups.operations import restore as restore_module
@@ -370,6 +378,39 @@ def test_it_refuses_without_a_terminal_or_yes(demo, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO("y\n"))
     with pytest.raises(CommandError, match="no terminal to ask for confirmation on. Pass --yes"):
         run("restore", str(backup))
+
+
+@pytest.fixture
+def fresh_database_url(tmp_path):
+    """The URL of a database that exists but was never migrated, as on a new host."""
+    if connection.vendor == "sqlite":
+        yield f"sqlite:///{tmp_path / 'fresh.sqlite3'}"
+        return
+    name = f"{connection.settings_dict['NAME']}_fresh"
+    with connection.cursor() as cursor:
+        cursor.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        cursor.execute(f'CREATE DATABASE "{name}"')
+    yield database_url().rsplit("/", 1)[0] + f"/{name}"
+    with connection.cursor() as cursor:
+        cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_a_restore_into_a_database_never_migrated_says_to_migrate_first(demo, fresh_database_url):
+    backup = take_backup()
+    workspace = tree(settings.WORKSPACE_HOST_PATH)
+    refused = subprocess.run(
+        [sys.executable, "manage.py", "restore", str(backup), "--yes"],
+        env=subprocess_env(DATABASE_URL=fresh_database_url),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert refused.returncode == 1
+    assert refused.stderr.strip().splitlines() == [
+        "CommandError: the database (DATABASE_URL) holds no TRUSCA tables yet: run `manage.py migrate` first, then "
+        "this command again (a restore replaces what migrate made). Nothing was changed."
+    ]
+    assert tree(settings.WORKSPACE_HOST_PATH) == workspace
 
 
 @pytest.mark.parametrize("answer", ["\n", "n\n", "no\n", "maybe\n"])

@@ -44,8 +44,21 @@ class OperationCommand(BaseCommand):
                 f"Redis (CACHE_URL) cannot be reached: {exc}. Start it or fix CACHE_URL; nothing was changed."
             ) from None
         except DjangoDatabaseError as exc:
+            if _never_migrated(exc):
+                raise CommandError(
+                    "the database (DATABASE_URL) holds no TRUSCA tables yet: run `manage.py migrate` first, then "
+                    "this command again (a restore replaces what migrate made). Nothing was changed."
+                ) from None
             first = str(exc).strip().split("\n")[0]
             raise CommandError(f"the database (DATABASE_URL) cannot be used: {first}. Nothing was changed.") from None
+
+
+def _never_migrated(exc: DjangoDatabaseError) -> bool:
+    """A fresh database, as on a new host in the disaster-recovery runbook: the catalog's table,
+    which every command reads first, is missing."""
+    cause = exc.__cause__
+    missing = getattr(cause, "sqlstate", None) == "42P01" or str(exc).startswith("no such table")
+    return missing and "backups_backup" in str(exc)
 
 
 def add_decryption_options(parser) -> None:
