@@ -2,6 +2,7 @@
 bucket), opened as a store and a name that every workflow reads the same way."""
 
 import contextlib
+import gc
 import io
 import os
 import re
@@ -171,6 +172,8 @@ def downloaded(
                     f"{name} is not on this host's disk, and the copy in the bucket could not be used: {exc}"
                 ) from None
             raise SourceError(f"{label}: {exc}") from None
+        remote.release()
+        gc.collect()  # the client's reference cycles: its memory is the load's to use now
         yield Source(scratch, name, label, scratch=True, downloaded_from=remote.url(name))
     finally:
         local.remove_partial(suffix)

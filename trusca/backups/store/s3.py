@@ -191,6 +191,15 @@ class S3Store(Store):
                 self._client = self.storage.connection.meta.client
             return self._client
 
+    def release(self) -> None:
+        """Let go of the boto3 session and client, ~30 MB of service models and connections, until
+        a later call makes them again: a restore from the bucket holds its store long after the
+        download, while the load needs that memory."""
+        with self._client_lock:
+            self._client = None
+            self.storage._connections = threading.local()  # django-storages' per-thread resource
+            self.storage._bucket = None
+
     def url(self, name: str = "") -> str:
         return f"s3://{self.bucket}/{self._key(name, '') if name else self.prefix}"
 
