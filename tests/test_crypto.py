@@ -2,6 +2,7 @@
 writes by hand, it opens; a wrong key, an altered file or a killed process never gets through.
 The keys come from tests/gpgkeys.py."""
 
+import gzip
 import io
 import os
 import resource
@@ -199,7 +200,9 @@ def test_a_file_that_was_never_encrypted_is_refused(hand):
     literal = gpg(hand, "--store", stdin=PLAIN).stdout  # a valid OpenPGP message, in the clear
     message, chunks = refusal(literal, DecryptionKeys(passphrase="pw"))
     assert chunks == [] and message == "workspace.tar.gz.gpg is not an encrypted OpenPGP file"
-    for junk in (b"", PLAIN):
+    # A plain archive renamed .gpg. Not random bytes: one in fifty starts like an OpenPGP packet
+    # asking for a passphrase, and gpg then reports a wrong passphrase, as we do.
+    for junk in (b"", gzip.compress(PLAIN[:100_000])):
         message, _ = refusal(junk, DecryptionKeys(passphrase="pw"))
         assert message.startswith("workspace.tar.gz.gpg is not an OpenPGP file")
 

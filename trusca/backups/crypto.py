@@ -280,12 +280,17 @@ def _inspect(armored: str) -> tuple[_Cert, ...]:
     return tuple(certs)
 
 
+# What gpg says about its own private home, which names a temporary path and no cause.
+_HOUSEKEEPING = re.compile(r"keybox '.*' created|directory '.*' created")
+
+
 def _last_gpg_line(stderr: bytes) -> str:
     lines = [
         line.removeprefix("gpg: ").strip()
         for line in stderr.decode(errors="replace").splitlines()
         if line.strip() and not line.startswith("[GNUPG:]")
     ]
+    lines = [line for line in lines if not _HOUSEKEEPING.fullmatch(line)]
     return lines[-1] if lines else "no error output"
 
 
@@ -584,7 +589,7 @@ class _DecryptingReader(_GpgStream):
             return self._key_failure(status)
         if "NODATA" in status:
             return f"{self.name} is not an OpenPGP file (empty, cut short or something else)"
-        return f"gpg could not decrypt {self.name}: {_last_gpg_line(self._log)}"
+        return f"gpg could not decrypt {self.name}, damaged or not an OpenPGP file: {_last_gpg_line(self._log)}"
 
     def _key_failure(self, status: dict[str, list[str]]) -> str:
         opens = []
