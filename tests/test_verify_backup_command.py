@@ -123,3 +123,73 @@ def test_it_refuses_a_bundle_with_foreign_members(backup, tmp_path):
 def test_it_says_what_a_path_that_is_no_backup_is(tmp_path, transactional_db):
     with pytest.raises(CommandError, match="is not a backup directory, a bundle file, or the name of a stored backup"):
         verify(tmp_path / "nothing-here")
+
+
+def flipped(data: bytes, at: int) -> bytes:
+    damaged = bytearray(data)
+    damaged[at] ^= 0x55
+    return bytes(damaged)
+
+
+def inflate_fails(data: bytes) -> bool:
+    """Whether inflating stops with ISA-L's own error (not an OSError) before any checksum."""
+    from trusca.backups import gz
+
+    try:
+        with gz.decompressing_reader(io.BytesIO(data)) as reader:
+            while reader.read(1 << 20):
+                pass
+    except gz.InflateError:
+        return True
+    except (OSError, EOFError):
+        pass
+    return False
+
+
+def test_rot_anywhere_in_a_compressed_archive_is_refused_in_one_line(backup):
+    """Flipped bytes in deflate data stop inflating in several ways (a bad CRC, a truncated
+    stream, ISA-L's own "invalid lookback distance"): each is the damage the checksum names."""
+    archive = backup / "workspace.tar.gz"
+    good = archive.read_bytes()
+    positions = range(10, len(good) - 8, max(1, (len(good) - 18) // 60))
+    raised_by_inflate = 0
+    for at in positions:
+        damaged = flipped(good, at)
+        raised_by_inflate += inflate_fails(damaged)
+        archive.write_bytes(damaged)
+        with pytest.raises(CommandError, match="workspace.tar.gz does not match its sha256") as refused:
+            verify(backup)
+        assert "\n" not in str(refused.value)
+    archive.write_bytes(good)
+    assert raised_by_inflate, "no flip reached ISA-L's own inflate error: the test needs other positions"
+
+
+def test_rot_in_a_bundle_compressed_by_hand_is_refused_in_one_line(backup, tmp_path):
+    import tarfile
+
+    made_by_hand = tmp_path / "by-hand.tar.gz"
+    with tarfile.open(made_by_hand, "w:gz") as tar:  # zlib's Huffman-coded deflate, not stored blocks
+        for member in sorted(backup.iterdir()):
+            tar.add(member, arcname=member.name)
+    good = made_by_hand.read_bytes()
+    raised_by_inflate = 0
+    start = 10 + len("by-hand.tar\0")  # past the gzip header and the file name it records
+    for at in range(start, len(good) - 8, max(1, (len(good) - start - 8) // 40)):
+        damaged = flipped(good, at)
+        raised_by_inflate += inflate_fails(damaged)
+        made_by_hand.write_bytes(damaged)
+        with pytest.raises(CommandError) as refused:
+            verify(made_by_hand)
+        message = str(refused.value)
+        assert "\n" not in message and ("the bundle does not read as a .tar.gz" in message or "sha256" in message)
+    assert raised_by_inflate, "no flip reached ISA-L's own inflate error: the test needs other positions"
+
+
+def test_a_bundle_with_data_past_its_end_is_refused(backup, tmp_path):
+    import gzip
+
+    bundle = backup.with_name(f"{backup.name}.tar.gz")
+    padded = tmp_path / "padded.tar.gz"
+    padded.write_bytes(gzip.compress(gzip.decompress(bundle.read_bytes()) + bytes(2 << 20), compresslevel=1))
+    with pytest.raises(CommandError, match="the bundle holds data after its end"):
+        verify(padded)

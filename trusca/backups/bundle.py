@@ -116,7 +116,11 @@ def unpack(source: BinaryIO, store: Store, name: str) -> bytes:
                     with store.open_write(name, info.name) as out:
                         _copy(unzipped, out, info.size, buffer)
                 _exactly(unzipped, -info.size % tarfile.BLOCKSIZE)
-    except (tarfile.TarError, EOFError, igzip.BadGzipFile, UnicodeDecodeError) as exc:
+            # Read on to the gzip trailer, whose CRC then covers every byte: tar's zero blocks
+            # and record padding, a few KiB, and nothing more.
+            if len(unzipped.read(_TAIL + 1)) > _TAIL or unzipped.read(1):
+                raise BundleError("the bundle holds data after its end")
+    except (tarfile.TarError, EOFError, igzip.BadGzipFile, gz.InflateError, UnicodeDecodeError) as exc:
         raise BundleError(f"the bundle does not read as a .tar.gz ({_reason(exc)})") from None
     if manifest is None:
         raise BundleError(f"the bundle has no {MANIFEST}")
@@ -124,6 +128,7 @@ def unpack(source: BinaryIO, store: Store, name: str) -> bytes:
 
 
 _END = bytes(tarfile.BLOCKSIZE)
+_TAIL = 1024 * 1024  # what follows the end-of-archive block: GNU tar pads to 10 KiB records
 _EXTENDED = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK)
 
 

@@ -29,6 +29,9 @@ WORKERS = os.cpu_count() or 2
 # that memory stays flat whatever the size of the stream.
 IN_FLIGHT = 2 * WORKERS
 BadGzipFile = igzip.BadGzipFile
+# What inflating damaged data raises besides BadGzipFile (an OSError) and EOFError: ISA-L's own
+# error ("Invalid lookback distance", ...), which derives from Exception alone.
+InflateError = isal_zlib.error
 
 _pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="trusca-gzip")
 

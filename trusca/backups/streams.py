@@ -136,7 +136,7 @@ class MemberReader:
             data = self._gzip.read(n)
         except crypto.EncryptionError:
             raise
-        except (OSError, EOFError, ValueError) as exc:
+        except (OSError, EOFError, ValueError, gz.InflateError) as exc:
             raise self._fault(exc) from None
         self.uncompressed += len(data)
         if self._limit is not None and self.uncompressed > self._limit:
