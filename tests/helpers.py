@@ -1,10 +1,13 @@
+import contextlib
 import gzip
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
 
+import psycopg
 from django.conf import settings
 from django.db import connection
 
@@ -39,6 +42,33 @@ def database_url() -> str:
         return f"sqlite:///{db['NAME']}"
     credentials = quote(db["USER"] or "", safe="") + (f":{quote(db['PASSWORD'], safe='')}" if db["PASSWORD"] else "")
     return f"postgres://{credentials}@{db['HOST'] or 'localhost'}:{db['PORT'] or 5432}/{db['NAME']}"
+
+
+@contextlib.contextmanager
+def spare_database(suffix: str, sqlite_path: Path) -> Iterator[str]:
+    """The URL of a database of the test's engine beside the test's own, which does not exist
+    yet (``create_database`` makes it, as a new host's operator would) and is dropped afterwards."""
+    if connection.vendor == "sqlite":
+        yield f"sqlite:///{sqlite_path}"
+        return
+    name = f"{connection.settings_dict['NAME']}_{suffix}"
+    url = database_url().rsplit("/", 1)[0]
+    admin = f"{url}/postgres"
+    with psycopg.connect(admin, autocommit=True) as db:
+        db.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    try:
+        yield f"{url}/{name}"
+    finally:
+        with psycopg.connect(admin, autocommit=True) as db:
+            db.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def create_database(url: str) -> None:
+    """An empty database (SQLite makes its file on first use)."""
+    if url.startswith("postgres"):
+        base, name = url.rsplit("/", 1)
+        with psycopg.connect(f"{base}/postgres", autocommit=True) as db:
+            db.execute(f'CREATE DATABASE "{name}"')
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:

@@ -14,9 +14,8 @@ from pathlib import Path
 import psycopg
 import pytest
 from django.conf import settings
-from django.db import connection
 
-from tests.helpers import database_url, tree
+from tests.helpers import create_database, spare_database, tree
 from tests.test_restore_command import REWRITTEN  # rows a restore rewrites on purpose
 
 pytest_plugins = ["tests.s3server"]  # the s3 and s3_server fixtures
@@ -88,24 +87,8 @@ _OWN = ("DATABASE_URL", "SECRET_KEY", "BACKUP_SIGNING_KEY", "BACKUP_ROOT", "WORK
 @pytest.fixture
 def database(tmp_path):
     """An empty database of the test's engine beside the test's own, dropped afterwards."""
-    if connection.vendor == "sqlite":
-        yield f"sqlite:///{tmp_path / 'host' / 'var' / 'trusca.sqlite3'}"
-        return
-    name = f"{connection.settings_dict['NAME']}_dr"
-    url = database_url().rsplit("/", 1)[0]
-    admin = f"{url}/postgres"
-    with psycopg.connect(admin, autocommit=True) as db:
-        db.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    yield f"{url}/{name}"
-    with psycopg.connect(admin, autocommit=True) as db:
-        db.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-def create_database(url: str) -> None:
-    if url.startswith("postgres"):
-        base, name = url.rsplit("/", 1)
-        with psycopg.connect(f"{base}/postgres", autocommit=True) as db:
-            db.execute(f'CREATE DATABASE "{name}"')
+    with spare_database("dr", tmp_path / "host" / "var" / "trusca.sqlite3") as url:
+        yield url
 
 
 def lose(host: Host) -> None:

@@ -18,10 +18,11 @@ from django.db import connection
 
 from tests.helpers import (
     backup_dirs,
-    database_url,
+    create_database,
     dump_name,
     replace_member,
     rewrite_manifest,
+    spare_database,
     subprocess_env,
     tree,
 )
@@ -383,16 +384,9 @@ def test_it_refuses_without_a_terminal_or_yes(demo, monkeypatch):
 @pytest.fixture
 def fresh_database_url(tmp_path):
     """The URL of a database that exists but was never migrated, as on a new host."""
-    if connection.vendor == "sqlite":
-        yield f"sqlite:///{tmp_path / 'fresh.sqlite3'}"
-        return
-    name = f"{connection.settings_dict['NAME']}_fresh"
-    with connection.cursor() as cursor:
-        cursor.execute(f'DROP DATABASE IF EXISTS "{name}"')
-        cursor.execute(f'CREATE DATABASE "{name}"')
-    yield database_url().rsplit("/", 1)[0] + f"/{name}"
-    with connection.cursor() as cursor:
-        cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with spare_database("fresh", tmp_path / "fresh.sqlite3") as url:
+        create_database(url)
+        yield url
 
 
 def test_a_restore_into_a_database_never_migrated_says_to_migrate_first(demo, fresh_database_url):
