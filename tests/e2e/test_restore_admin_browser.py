@@ -64,9 +64,10 @@ def project_names(page, live_server) -> str:
 
 @pytest.fixture
 def watchable_restores(monkeypatch):
-    """The worker's restores hold a few seconds in maintenance mode (after staging), long enough
-    for the browser to see the maintenance page however fast this machine restores."""
-    monkeypatch.setenv("TRUSCA_TEST_PAUSE_AT", "after-staging")
+    """The worker's restores hold a few seconds before maintenance mode (the page shows the
+    restore under way) and in it (after staging: the maintenance page), long enough for the
+    browser to see both however fast this machine restores."""
+    monkeypatch.setenv("TRUSCA_TEST_PAUSE_AT", "before-maintenance,after-staging")
 
 
 def test_a_superuser_restores_an_uploaded_bundle_then_undoes_it_from_the_list(

@@ -192,11 +192,11 @@ def shielded() -> Iterator[None]:
 
 def fault_point(name: str) -> None:
     """Where the crash-consistency tests kill the process (TRUSCA_TEST_KILL_AT=name), or hold it
-    a few seconds so a browser test can watch that moment (TRUSCA_TEST_PAUSE_AT=name); nothing
-    otherwise. SIGKILL, as the kernel's OOM killer or a power cut would: no cleanup runs."""
+    a few seconds so a browser test can watch that moment (TRUSCA_TEST_PAUSE_AT=name[,name...]);
+    nothing otherwise. SIGKILL, as the kernel's OOM killer or a power cut would: no cleanup runs."""
     if os.environ.get("TRUSCA_TEST_KILL_AT") == name:
         os.kill(os.getpid(), signal.SIGKILL)
-    if os.environ.get("TRUSCA_TEST_PAUSE_AT") == name:
+    if name in os.environ.get("TRUSCA_TEST_PAUSE_AT", "").split(","):
         time.sleep(PAUSE_SECONDS)
 
 

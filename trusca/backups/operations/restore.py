@@ -353,6 +353,7 @@ def restore_run(
         with interruptible(run):
             if (left := Journal.load()) is not None and left.state != "damaged":
                 raise RestoreFailed("an earlier restore was interrupted and is not finished; run it to its end first")
+            fault_point("before-maintenance")
             journal.write()
             maintenance.enter(f"Restoring the backup {plan.source.label}")
             reporter.step("maintenance mode on (the web answers 503, workers hold other work)")
