@@ -154,13 +154,7 @@ def downloaded(
     preflight then checks every file against the signed manifest as for any other source.
     ``elsewhere``: the name was looked for on this host's disk first, and the messages say so."""
     reporter = reporter or Reporter()
-    local = store.local()
-    local.root.mkdir(parents=True, exist_ok=True)
-    suffix = f"{DOWNLOAD_PREFIX}{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
-    root = local.partial_path(suffix)
-    root.mkdir()
-    try:
-        scratch = store.LocalStore(root)
+    with _owned_scratch(DOWNLOAD_PREFIX) as scratch:
         try:
             _download(remote, name, scratch, reporter)
         except NotFound:
@@ -175,8 +169,6 @@ def downloaded(
         remote.release()
         gc.collect()  # the client's reference cycles: its memory is the load's to use now
         yield Source(scratch, name, label, scratch=True, downloaded_from=remote.url(name))
-    finally:
-        local.remove_partial(suffix)
 
 
 def _download(remote, name: str, scratch: store.LocalStore, reporter: Reporter) -> None:
@@ -253,13 +245,7 @@ def unpacking(stream, *, label: str, keys: crypto.DecryptionKeys | None = None) 
             f"{label} is not a gzip file; if it is an encrypted bundle, give the passphrase or private key "
             "that opens it"
         )
-    local = store.local()
-    local.root.mkdir(parents=True, exist_ok=True)
-    suffix = f"{UNPACK_PREFIX}{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
-    root = local.partial_path(suffix)
-    root.mkdir()
-    try:
-        scratch = store.LocalStore(root)
+    with _owned_scratch(UNPACK_PREFIX) as scratch:
         with contextlib.ExitStack() as stack:
             if encrypted:
                 stream = stack.enter_context(contextlib.closing(crypto.decrypting_reader(stream, keys, name=label)))
@@ -273,6 +259,20 @@ def unpacking(stream, *, label: str, keys: crypto.DecryptionKeys | None = None) 
                     pass
         scratch.publish("bundle", manifest_bytes)
         yield Source(scratch, "bundle", label, unpacked=True, scratch=True)
+
+
+@contextlib.contextmanager
+def _owned_scratch(prefix: str) -> Iterator[store.LocalStore]:
+    """A hidden directory under BACKUP_ROOT named after this host and process (``unpack_owner``
+    reads them back, so the sweep can tell one in use from one a killed process left), removed
+    on the way out."""
+    local = store.local()
+    local.root.mkdir(parents=True, exist_ok=True)
+    suffix = f"{prefix}{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+    root = local.partial_path(suffix)
+    root.mkdir()
+    try:
+        yield store.LocalStore(root)
     finally:
         local.remove_partial(suffix)
 
