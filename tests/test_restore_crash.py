@@ -11,7 +11,7 @@ from django.core.management import call_command
 
 from tests.helpers import subprocess_env
 from tests.test_restore_command import change_everything, live_state, run, take_backup
-from trusca.backups import maintenance
+from trusca.backups import locks, maintenance
 from trusca.backups.models import Backup
 from trusca.portal import audit
 from trusca.portal.models import AuditEvent
@@ -46,6 +46,17 @@ def scene(demo):
     change_everything()
     audit.record(actor="alice", action="scan.finished", target="after-the-backup")
     return backup, at_backup, live_state()
+
+
+def test_a_restore_killed_before_maintenance_mode_leaves_nothing_to_finish(scene):
+    backup, _, before = scene
+    killed = restore_killed_at("before-maintenance", backup)
+    assert killed.returncode == -9, killed.stdout + killed.stderr
+    assert maintenance.active() is None and not maintenance.journal_path().exists()
+    run("verify_backup", str(backup))  # the next command
+    assert locks.current() is None, "the dead holder's lock is freed"
+    assert live_state() == before
+    assert not Backup.objects.filter(name__startswith="pre-restore-").exists()
 
 
 @pytest.mark.parametrize("point", BEFORE_COMMIT + AFTER_COMMIT + ONLINE)
