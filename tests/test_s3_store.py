@@ -199,6 +199,70 @@ def test_a_copy_made_by_hand_without_our_metadata_is_listed_and_read(s3):
     assert read_all(store, NAME, DUMP) == files[DUMP]
 
 
+def download(store: S3Store, member: str, path, *, max_size: int) -> list[int]:
+    heard: list[int] = []
+    with open(path, "x+b") as out:
+        store.download(NAME, member, out, max_size=max_size, progress=heard.append)
+    return heard
+
+
+def test_a_download_fetches_ranges_together_into_the_file_and_hears_every_byte(s3, tmp_path):
+    store = small_parts(download_range=MiB)
+    data = DATA[: 7 * MiB + 5]
+    backup(store, files={DUMP: data})
+    together = threading.Barrier(2, timeout=10)
+    asked = []
+
+    def range_sent(request, **_):
+        asked.append(request.headers["Range"].decode())
+        if len(asked) <= 2:  # the first two ranges must be on the wire at the same time
+            with contextlib.suppress(threading.BrokenBarrierError):
+                together.wait()
+
+    store.client.meta.events.register("before-send.s3.GetObject", range_sent)
+    heard = download(store, DUMP, tmp_path / DUMP, max_size=len(data))
+    assert not together.broken, "the second range was not asked for before the first one arrived"
+    assert (tmp_path / DUMP).read_bytes() == data
+    assert sum(heard) == len(data)
+    assert sorted(asked) == sorted(f"bytes={n * MiB}-{min((n + 1) * MiB, len(data)) - 1}" for n in range(8))
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        pytest.param(lambda d: d[:100] + bytes([d[100] ^ 1]) + d[101:], "do not match the sha256", id="flipped"),
+        pytest.param(lambda d: d[: 3 * MiB] + d[3 * MiB + 1 :], "do not match the sha256", id="truncated"),
+        pytest.param(lambda d: d + b"\0", "larger than its manifest records", id="extended"),
+    ],
+)
+def test_a_damaged_object_is_refused_by_a_download(s3, tmp_path, damage, message):
+    store = small_parts(download_range=MiB)
+    files = backup(store, files={DUMP: DATA[: 5 * MiB]})
+    damaged = damage(files[DUMP])
+    key = f"backups/{NAME}/{DUMP}"
+    s3.client().put_object(Bucket=s3.bucket, Key=key, Body=damaged, Metadata={"sha256": sha(files[DUMP])})
+    with pytest.raises(OffsiteCorrupt, match=message):
+        download(store, DUMP, tmp_path / DUMP, max_size=len(files[DUMP]))
+    if len(damaged) > len(files[DUMP]):
+        assert (tmp_path / DUMP).stat().st_size == 0  # refused before its first byte
+
+
+def test_an_object_replaced_while_being_downloaded_is_refused(s3, tmp_path):
+    store = small_parts(download_range=MiB)
+    files = backup(store, files={DUMP: DATA[: 6 * MiB]})
+    key = f"backups/{NAME}/{DUMP}"
+    replaced = []
+
+    def replace_once(**_):
+        if not replaced:
+            replaced.append(True)
+            s3.client().put_object(Bucket=s3.bucket, Key=key, Body=b"x" * len(files[DUMP]))
+
+    store.client.meta.events.register("before-send.s3.GetObject", replace_once)
+    with pytest.raises(OffsiteCorrupt, match="replaced in the bucket while being read"):
+        download(store, DUMP, tmp_path / DUMP, max_size=len(files[DUMP]))
+
+
 # Uploads that do not finish leave nothing ------------------------------------------------------
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from django.conf import settings
 
-from trusca.backups import bundle, crypto, gz, manifest, store
+from trusca.backups import bundle, crypto, manifest, store
 from trusca.backups.errors import NotFound, OperationFailed
 from trusca.backups.naming import parse_name
 from trusca.backups.progress import Counter, Reporter
@@ -187,19 +187,15 @@ def _download(remote, name: str, scratch: store.LocalStore, reporter: Reporter) 
     reporter.phase(f"downloading {name}")
     staging = scratch.staging_path(name)
     staging.mkdir()
-    buffer = memoryview(bytearray(gz.CHUNK))  # one, reused: the store's read-ahead is memory enough
     for member, entry in document.files.items():
-        received = 0
+
+        def advance(count: int) -> None:
+            counter.add(count)
+            reporter.progress(counter.done, counter.total)
+
         # Not the store's open_write, which syncs every file to disk: this copy lives for one run.
-        with remote.open_read(name, member) as source, open(staging / check_member(member), "xb") as out:
-            while count := source.readinto(buffer):
-                received += count
-                if received > entry.size:
-                    # The preflight would refuse it; not worth filling the disk first.
-                    raise SourceError(f"{remote.url(name)}{member} is larger than its manifest records (altered)")
-                out.write(buffer[:count])
-                counter.add(count)
-                reporter.progress(counter.done, counter.total)
+        with open(staging / check_member(member), "x+b") as out:
+            remote.download(name, member, out, max_size=entry.size, progress=advance)
     scratch.publish(name, data)
 
 

@@ -25,6 +25,7 @@ import contextlib
 import hashlib
 import io
 import logging
+import os
 import queue
 import re
 import threading
@@ -72,6 +73,11 @@ READ_CHUNK = 8 * MiB
 # 159 MB with three (over the 150 MB budget) and 178 MB with four, at the same speed (10.9 s
 # against 11.1 s on loopback, where the server sets the pace).
 READ_AHEAD = 2
+# A download into a file needs no buffers: each range's bytes are written at their offset as they
+# arrive, so ranges can be long (fewer requests) and several in flight. Measured in
+# benchmarks/offload_bench.py.
+DOWNLOAD_RANGE = 64 * MiB
+DOWNLOADERS = 4
 # A dead endpoint must fail in seconds: an unanswered connect costs CONNECT_TIMEOUT per attempt,
 # a silent server READ_TIMEOUT; botocore's standard retry mode backs off between attempts and
 # never retries a refusal (credentials, permissions, missing bucket).
@@ -140,6 +146,7 @@ class S3Store(Store):
         storage_class: str = "STANDARD_IA",
         part_size: int = PART_SIZE,
         read_chunk: int = READ_CHUNK,
+        download_range: int = DOWNLOAD_RANGE,
         connect_timeout: float = CONNECT_TIMEOUT,
         read_timeout: float = READ_TIMEOUT,
     ):
@@ -150,6 +157,7 @@ class S3Store(Store):
         self.storage_class = storage_class
         self.part_size = part_size
         self.read_chunk = read_chunk
+        self.download_range = download_range
         self.timeouts = (connect_timeout, read_timeout)
         self.storage = S3Storage(
             bucket_name=bucket,
@@ -269,8 +277,29 @@ class S3Store(Store):
             self._delete_objects(name, doing)
 
     def open_read(self, name: str, member: str) -> BinaryIO:
-        key = self._key(name, check_member(member))
         doing = f"reading {name}/{member}"
+        key, head, recorded = self._member(name, member, doing)
+        reader = _RangedReader(self, key, doing, size=head["ContentLength"], etag=head["ETag"], sha256=recorded)
+        return io.BufferedReader(reader, buffer_size=256 * 1024)
+
+    def download(self, name: str, member: str, out: BinaryIO, *, max_size: int, progress=None) -> None:
+        """A member into ``out``, a new empty file open for reading and writing: DOWNLOADERS ranged
+        GETs of ``download_range`` bytes at once, each writing at its offset as its bytes arrive,
+        so memory holds a few MiB whatever the range; behind them the sha256 is checked in order
+        on what was written, read back from the page cache. ``progress(count)`` hears the bytes
+        checked. An object larger than ``max_size`` (its manifest's size) is refused before its
+        first byte."""
+        doing = f"downloading {name}/{member}"
+        key, head, recorded = self._member(name, member, doing)
+        if head["ContentLength"] > max_size:
+            raise OffsiteCorrupt(f"{self.url(name)}{member} is larger than its manifest records (altered)")
+        _Download(self, key, doing, out.fileno(), size=head["ContentLength"], etag=head["ETag"], sha256=recorded).run(
+            progress or (lambda count: None)
+        )
+
+    def _member(self, name: str, member: str, doing: str) -> tuple[str, dict, str | None]:
+        """A published backup's member: its key, its HEAD and the sha256 recorded with it."""
+        key = self._key(name, check_member(member))
         if not self._has(self._key(name, manifest_mod.MANIFEST), doing):
             raise NotFound(f"there is no backup named {name} in {self.url()}")
         head = self._head(key, doing)
@@ -279,8 +308,7 @@ class S3Store(Store):
         recorded = head.get("Metadata", {}).get(SHA256_METADATA)
         if recorded is not None and not _HEX64.match(recorded):
             raise OffsiteCorrupt(f"{self.url(name)}{member} carries an unreadable sha256 ({recorded[:70]!r})")
-        reader = _RangedReader(self, key, doing, size=head["ContentLength"], etag=head["ETag"], sha256=recorded)
-        return io.BufferedReader(reader, buffer_size=256 * 1024)
+        return key, head, recorded
 
     def read_manifest(self, name: str) -> bytes:
         key = self._key(name, manifest_mod.MANIFEST)
@@ -754,27 +782,13 @@ class _RangedReader(io.RawIOBase):
         self._pending.append(self._pool.submit(self._fetch, start, end, buffer))
 
     def _fetch(self, start: int, end: int, buffer: bytearray) -> bytearray:
-        whole = start == 0 and end == self._size
-        args = {"Bucket": self._store.bucket, "Key": self._key, "IfMatch": self._etag}
-        if not whole:
-            args["Range"] = f"bytes={start}-{end - 1}"
-        view = memoryview(buffer)[: end - start]
-        for attempt in range(1, ATTEMPTS + 1):
-            response = self._store.client.get_object(**args)  # botocore retries this request itself
-            with contextlib.closing(response["Body"]) as body:
-                if not whole and response["ResponseMetadata"]["HTTPStatusCode"] != 206:
-                    raise OffsiteError(f"{self._doing}: the store ignored a Range request; it cannot be read in chunks")
-                try:
-                    filled = _read_into(body, view)
-                except _STREAM_ERRORS:
-                    # ...but not a body that broke off half-way.
-                    if attempt == ATTEMPTS:
-                        raise
-                    continue
-                if filled != len(view) or body.read(1):
-                    raise OffsiteCorrupt(f"{self._doing}: bytes {start}-{end - 1} did not come back whole")
-                return buffer
-        raise AssertionError("unreachable")
+        view = memoryview(buffer)
+
+        def into_buffer(offset: int, data: bytes) -> None:
+            view[offset - start : offset - start + len(data)] = data
+
+        _get_range(self._store, self._key, self._etag, (start, end, self._size), self._doing, into_buffer)
+        return buffer
 
     def readinto(self, buffer) -> int:
         if self._failure is not None:
@@ -805,9 +819,7 @@ class _RangedReader(io.RawIOBase):
         try:
             chunk = self._pending.popleft().result()
         except (ClientError, BotoCoreError) as exc:
-            if _code(exc) in ("PreconditionFailed", "412"):
-                raise OffsiteCorrupt(f"{self._doing}: the object was replaced in the bucket while being read") from exc
-            raise self._store.explain(exc, self._doing) from exc
+            raise _read_error(self._store, exc, self._doing) from exc
         length = min(self._store.read_chunk, self._size - start)
         self._chunk, self._current, self._position = chunk, memoryview(chunk)[:length], 0
         self._hash.update(self._current)
@@ -816,11 +828,7 @@ class _RangedReader(io.RawIOBase):
     def _finish(self) -> None:
         if self._received != self._size:
             raise OffsiteCorrupt(f"{self._doing}: {self._received} bytes came back, not {self._size}")
-        if self._expected is not None and self._hash.hexdigest() != self._expected:
-            raise OffsiteCorrupt(
-                f"{self._doing}: the object's bytes do not match the sha256 recorded with it "
-                f"({self._hash.hexdigest()[:12]}… instead of {self._expected[:12]}…); the copy in the bucket is damaged"
-            )
+        _check_sha256(self._doing, self._hash, self._expected)
 
     def close(self) -> None:
         if not self.closed:
@@ -833,12 +841,100 @@ class _RangedReader(io.RawIOBase):
         super().close()
 
 
-def _read_into(body, view: memoryview) -> int:
-    filled = 0
-    while filled < len(view):
-        data = body.read(min(MiB, len(view) - filled))
-        if not data:
-            break
-        view[filled : filled + len(data)] = data
-        filled += len(data)
-    return filled
+class _Download:
+    """One object into a file: ranges fetched on DOWNLOADERS threads, written where they belong as
+    they arrive, hashed in order behind them (see S3Store.download)."""
+
+    def __init__(self, store: S3Store, key: str, doing: str, fd: int, *, size: int, etag: str, sha256: str | None):
+        self._store = store
+        self._key = key
+        self._doing = doing
+        self._fd = fd
+        self._size = size
+        self._etag = etag
+        self._expected = sha256
+        step = store.download_range
+        self._ranges = [(start, min(start + step, size)) for start in range(0, size, step)]
+        self._stop = threading.Event()
+
+    def _fetch(self, start: int, end: int) -> None:
+        def into_file(offset: int, data: bytes) -> None:
+            view = memoryview(data)
+            while view:
+                written = os.pwrite(self._fd, view, offset)
+                offset, view = offset + written, view[written:]
+
+        _get_range(self._store, self._key, self._etag, (start, end, self._size), self._doing, into_file, self._stop)
+
+    def run(self, progress) -> None:
+        digest = hashlib.sha256()
+        view = memoryview(bytearray(MiB))
+        pool = ThreadPoolExecutor(max_workers=DOWNLOADERS, thread_name_prefix="trusca-s3-get")
+        try:
+            # All submitted at once: the pool runs DOWNLOADERS of them at a time, in order.
+            fetching = [pool.submit(self._fetch, start, end) for start, end in self._ranges]
+            for (start, end), fetched in zip(self._ranges, fetching, strict=True):
+                try:
+                    fetched.result()
+                except (ClientError, BotoCoreError) as exc:
+                    raise _read_error(self._store, exc, self._doing) from exc
+                position = start
+                while position < end:
+                    count = os.preadv(self._fd, [view[: min(MiB, end - position)]], position)
+                    if not count:
+                        raise OffsiteCorrupt(f"{self._doing}: the file being written was cut short by something else")
+                    digest.update(view[:count])
+                    position += count
+                    progress(count)
+        finally:
+            self._stop.set()  # the other ranges stop at their next MiB
+            pool.shutdown(wait=True, cancel_futures=True)
+        _check_sha256(self._doing, digest, self._expected)
+
+
+def _get_range(store: S3Store, key: str, etag: str, span: tuple[int, int, int], doing: str, sink, stop=None) -> None:
+    """Bytes ``start``..``end - 1`` of an object of ``size`` bytes, pinned to ``etag`` (a replaced
+    object fails instead of mixing two), handed to ``sink(offset, data)`` a MiB at a time as they
+    arrive. A body that breaks off half-way is asked again from where it stopped; botocore retries
+    each request itself. ``stop`` set: return at the next MiB."""
+    start, end, size = span
+    offset = start
+    for attempt in range(1, ATTEMPTS + 1):
+        whole = offset == 0 and end == size
+        args = {"Bucket": store.bucket, "Key": key, "IfMatch": etag}
+        if not whole:
+            args["Range"] = f"bytes={offset}-{end - 1}"
+        response = store.client.get_object(**args)
+        with contextlib.closing(response["Body"]) as body:
+            if not whole and response["ResponseMetadata"]["HTTPStatusCode"] != 206:
+                raise OffsiteError(f"{doing}: the store ignored a Range request; it cannot be read in chunks")
+            try:
+                while offset < end:
+                    if stop is not None and stop.is_set():
+                        return
+                    data = body.read(min(MiB, end - offset))
+                    if not data:
+                        break
+                    sink(offset, data)
+                    offset += len(data)
+            except _STREAM_ERRORS:
+                if attempt == ATTEMPTS:
+                    raise
+                continue
+            if offset != end or body.read(1):
+                raise OffsiteCorrupt(f"{doing}: bytes {start}-{end - 1} did not come back whole")
+            return
+
+
+def _read_error(store: S3Store, exc: ClientError | BotoCoreError, doing: str) -> OffsiteError:
+    if _code(exc) in ("PreconditionFailed", "412"):
+        return OffsiteCorrupt(f"{doing}: the object was replaced in the bucket while being read")
+    return store.explain(exc, doing)
+
+
+def _check_sha256(doing: str, digest, expected: str | None) -> None:
+    if expected is not None and digest.hexdigest() != expected:
+        raise OffsiteCorrupt(
+            f"{doing}: the object's bytes do not match the sha256 recorded with it "
+            f"({digest.hexdigest()[:12]}… instead of {expected[:12]}…); the copy in the bucket is damaged"
+        )
