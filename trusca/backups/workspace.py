@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from trusca.backups import children
+from trusca.backups import children, diskio
 
 Progress = Callable[[int], None]
 
@@ -685,8 +685,7 @@ def _write_file(dirs: "_Dirs", parent: bytes, name: bytes, data: bytes, mode: in
 
 
 def _write_all(fd: int, data: memoryview) -> None:
-    while data:
-        data = data[os.write(fd, data) :]
+    diskio.write_all(lambda view: os.write(fd, view), data)
 
 
 def _settle(fd: int, mode: int, mtime_ns: int) -> None:

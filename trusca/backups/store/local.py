@@ -8,12 +8,14 @@ whole, and a crash leaves only a dot-name that the next sweep removes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 from pathlib import Path
 from typing import BinaryIO
 
+from trusca.backups import diskio
 from trusca.backups import manifest as manifest_mod
 from trusca.backups.errors import NotFound, OperationFailed
 from trusca.backups.naming import parse_name
@@ -44,23 +46,32 @@ class _FileUpload(Upload):
     def __init__(self, path: Path):
         self.path = path
         self._fh = open(path, "xb")  # noqa: SIM115 - closed by close() or abort()
+        self._flush = diskio.EarlyFlush(self._fh.fileno())
 
     def write(self, data) -> int:
-        return self._fh.write(data)
+        written = diskio.write_all(self._fh.write, data)
+        self._flush.wrote(written)
+        return written
 
     def close(self) -> None:
         if not self.closed:
             try:
+                self._flush.wait()
                 self._fh.flush()
                 os.fsync(self._fh.fileno())
             finally:
-                self._fh.close()  # even on a full disk: a leaked descriptor pins the space
+                self._close()  # even on a full disk: a leaked descriptor pins the space
         super().close()
 
     def abort(self) -> None:
-        self._fh.close()
+        self._close()
         self.path.unlink(missing_ok=True)
         super().close()
+
+    def _close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._flush.wait()  # before the descriptor goes; an error of its own was raised already, or is moot
+        self._fh.close()
 
 
 class LocalStore(Store):

@@ -49,6 +49,7 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 from django.conf import settings
 from storages.backends.s3 import S3Storage
 
+from trusca.backups import diskio
 from trusca.backups import manifest as manifest_mod
 from trusca.backups.errors import NotFound, OperationFailed
 from trusca.backups.naming import parse_name
@@ -859,10 +860,7 @@ class _Download:
 
     def _fetch(self, start: int, end: int) -> None:
         def into_file(offset: int, data: bytes) -> None:
-            view = memoryview(data)
-            while view:
-                written = os.pwrite(self._fd, view, offset)
-                offset, view = offset + written, view[written:]
+            diskio.pwrite_all(self._fd, data, offset)
 
         _get_range(self._store, self._key, self._etag, (start, end, self._size), self._doing, into_file, self._stop)
 
