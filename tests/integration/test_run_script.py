@@ -2,6 +2,7 @@
 server, a first start in empty state directories, a working login, and a backup run through the
 web by the worker it started."""
 
+import http.client
 import http.cookiejar
 import json
 import os
@@ -76,6 +77,16 @@ def test_the_start_command_brings_up_a_working_admin_with_a_worker(portal):
     password = password_file.read_text().strip()
     assert f"password:  {password}" in output and "user:      admin" in output
 
+    browser, jar = sign_in(base, password)
+    assert "Run manual backup now" in browser.open(f"{base}/admin/backup/").read().decode()
+
+    state = backup_through_the_web(base, browser, jar)
+    assert state["status"] == "succeeded", state["message"]
+    assert (root / "backups" / state["name"] / "manifest.json").is_file()
+    assert any((root / "workspace").iterdir()), "the first start seeds demo scans with workspace files"
+
+
+def sign_in(base: str, password: str):
     jar = http.cookiejar.CookieJar()
     browser = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
     login_page = browser.open(f"{base}/admin/login/").read().decode()
@@ -85,8 +96,10 @@ def test_the_start_command_brings_up_a_working_admin_with_a_worker(portal):
     ).encode()
     request = urllib.request.Request(f"{base}/admin/login/", data=form, headers={"Referer": f"{base}/admin/login/"})
     assert "Site administration" in browser.open(request).read().decode()
-    assert "Run manual backup now" in browser.open(f"{base}/admin/backup/").read().decode()
+    return browser, jar
 
+
+def backup_through_the_web(base: str, browser, jar) -> dict:
     csrf = next(c.value for c in jar if c.name == "csrftoken")
     run = urllib.request.Request(
         f"{base}/admin/backup/run",
@@ -99,9 +112,67 @@ def test_the_start_command_brings_up_a_working_admin_with_a_worker(portal):
     while (state := json.loads(browser.open(f"{base}{status_url}").read()))["status"] not in ("succeeded", "failed"):
         assert time.monotonic() < deadline, state
         time.sleep(0.5)
-    assert state["status"] == "succeeded", state["message"]
-    assert (root / "backups" / state["name"] / "manifest.json").is_file()
-    assert any((root / "workspace").iterdir()), "the first start seeds demo scans with workspace files"
+    return {**state, "status_url": status_url}
+
+
+def upload_request(path: str, jar, length: int) -> tuple[str, dict]:
+    cookies = {c.name: c.value for c in jar}
+    return f"{path}?confirmation=restore&filename=bundle.tar.gz", {
+        "Cookie": f"sessionid={cookies['sessionid']}; csrftoken={cookies['csrftoken']}",
+        "X-CSRFToken": cookies["csrftoken"],
+        "X-Confirm-Restore": "yes",
+        "Content-Type": "application/octet-stream",
+        "Content-Length": str(length),
+        "Accept": "application/json",
+    }
+
+
+def hidden_unpacks(root) -> list[str]:
+    return [p.name for p in (root / "backups").iterdir() if p.name.startswith(".partial-unpack-")]
+
+
+def test_an_upload_through_gunicorn_goes_straight_from_its_socket_and_the_connection_stays_usable(portal):
+    """run.sh's gunicorn hands the upload's socket to the view: a client gone half-way leaves
+    nothing, a whole upload is restored, and gunicorn reads the connection's next request as a
+    request, not as what it took for the rest of the body."""
+    base, root = portal
+    password = (root / "var" / "admin-password").read_text().strip()
+    browser, jar = sign_in(base, password)
+    state = backup_through_the_web(base, browser, jar)
+    pk = state["status_url"].split("/")[-2]
+    bundle = browser.open(f"{base}/admin/backup/{pk}/download").read()
+    host, port = urllib.parse.urlsplit(base).netloc.split(":")
+    target, headers = upload_request("/admin/backup/restore", jar, len(bundle))
+
+    with socket.create_connection((host, int(port))) as half:
+        head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+        half.sendall(f"POST {target} HTTP/1.1\r\nHost: {host}\r\n{head}\r\n".encode() + bundle[: len(bundle) // 2])
+        deadline = time.monotonic() + 30
+        while not hidden_unpacks(root):
+            assert time.monotonic() < deadline, "the server did not start receiving"
+            time.sleep(0.1)
+    deadline = time.monotonic() + 30
+    while hidden_unpacks(root):
+        assert time.monotonic() < deadline, "the partial upload was not removed"
+        time.sleep(0.1)
+
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    connection.request("POST", target, body=bundle, headers=headers)
+    accepted = connection.getresponse()
+    job = json.loads(accepted.read())
+    assert accepted.status == 202, job  # the lock the cut-off upload held is free again
+    connection.request("GET", job["status_url"], headers={"Cookie": headers["Cookie"]})
+    followed = connection.getresponse()  # on the same connection, within its timeout
+    assert followed.status == 200 and json.loads(followed.read())["id"] == job["id"]
+    deadline = time.monotonic() + 90
+    while (job := json.loads(urllib.request.urlopen(f"{base}{job['status_url']}").read()))["state"] not in (
+        "succeeded",
+        "failed",
+    ):
+        assert time.monotonic() < deadline, job
+        time.sleep(0.5)
+    assert job["state"] == "succeeded", job["error"]
+    connection.close()
 
 
 def test_ctrl_c_on_a_piped_run_stops_every_child(tmp_path):

@@ -484,25 +484,31 @@ class _Body(io.RawIOBase):
             if wanted <= 0:
                 return 0
         try:
-            data = self._raw.read(wanted)
+            count = self._read(memoryview(buffer).cast("B")[:wanted])
         except OSError:  # the connection broke (Django's UnreadablePostError, gunicorn's NoMoreData)
             raise UploadIncomplete(self._stopped()) from None
-        if not data:
+        if not count:
             if self._length is not None:
                 raise UploadIncomplete(self._stopped())
             return 0
-        self.received += len(data)
+        self.received += count
         if self.received > settings.BACKUP_UPLOAD_MAX_BYTES:
             raise UploadTooLarge(
                 f"the upload went past the {_size(settings.BACKUP_UPLOAD_MAX_BYTES)} the admin accepts "
                 "(BACKUP_UPLOAD_MAX_BYTES) and was stopped; restore it with manage.py restore on the server. "
                 "The partial upload was removed; nothing was changed."
             )
-        buffer[: len(data)] = data
         if time.monotonic() - self._last_beat >= PROGRESS_INTERVAL:
             self._last_beat = time.monotonic()
             self._run.heartbeat()
             self._run.checkpoint()
+        return count
+
+    def _read(self, view: memoryview) -> int:
+        if hasattr(self._raw, "readinto"):  # straight into the reader's buffer
+            return self._raw.readinto(view)
+        data = self._raw.read(len(view))  # Django's request
+        view[: len(data)] = data
         return len(data)
 
     def _stopped(self) -> str:

@@ -223,9 +223,7 @@ class _Peeked(io.RawIOBase):
             count = min(len(buffer), len(self._head))
             buffer[:count], self._head = self._head[:count], self._head[count:]
             return count
-        data = self._rest.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
+        return self._rest.readinto(buffer)
 
 
 @contextlib.contextmanager
