@@ -13,6 +13,7 @@ from django.conf import settings
 
 from tests.helpers import subprocess_env
 from tests.integration.worker import REDIS_URL
+from trusca.backups.schedule import DAILY
 
 START_TIMEOUT_SECONDS = 30
 
@@ -30,7 +31,9 @@ def running_beat(log_path: Path, **env: str) -> Iterator[subprocess.Popen]:
         )
     try:
         deadline = time.monotonic() + START_TIMEOUT_SECONDS
-        while "beat: Starting..." not in log_path.read_text():
+        # Past the start-up hook (schedule.at_beat_start), which changes the schedule itself: a
+        # test that changes it meanwhile races beat's own re-reads.
+        while f"beat: {DAILY} is " not in log_path.read_text():
             if beat.poll() is not None:
                 pytest.fail(f"celery beat exited with {beat.returncode}:\n{log_path.read_text()}")
             if time.monotonic() > deadline:

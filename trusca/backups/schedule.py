@@ -187,6 +187,11 @@ def at_beat_start(scheduler) -> None:
     ensure()
     PeriodicTasks.update_changed()
     _put_back_missed_runs(scheduler, scheduler.schedule)
+    # What beat will run, the first thing to look at when nightly backups stop; the line also
+    # marks the end of beat's own changes to the schedule at start-up.
+    task = PeriodicTask.objects.select_related("crontab").filter(name=DAILY).first()
+    state = f"{'on' if task.enabled else 'off'} (crontab {task.crontab})" if task else "missing"
+    log.info("beat: %s is %s", DAILY, state)
 
 
 def _put_back_missed_runs(scheduler, schedule: dict) -> None:
