@@ -1,12 +1,15 @@
 """Gzip streams that run several times faster than ``gzip -6`` and stay gzip-compatible.
 
-Input is cut into 2 MiB blocks that worker threads compress at once (both libraries release the
+Input is cut into 2 MiB blocks that worker threads compress at once (libdeflate releases the
 GIL), each block a gzip member of its own: concatenated members are one valid gzip file (RFC 1952
-§2.2), so ``gunzip -t``, ``tar -tzf`` and ``gunzip -c | psql`` work by hand. Two blocks in three
-go to ISA-L's level 3 (about 11% larger than gzip -6, at ten times its speed) and one to
-libdeflate's level 5 (3% larger): together about 8% over gzip -6 for a third of its CPU, which
-on two cores is what keeps a backup several times faster than the shell pipeline without
-missing the 10% size budget. Measured in benchmarks/backup_bench.py.
+§2.2), so ``gunzip -t``, ``tar -tzf`` and ``gunzip -c | psql`` work by hand. Seven blocks in eight
+go to libdeflate's level 1 (about 9.3% larger than gzip -6, at eleven times its speed) and one to
+its level 4 (5%): together about 8.8% over gzip -6 for a tenth of its CPU, which on two cores is
+what keeps a backup several times faster than the shell pipeline without missing the 10% size
+budget. Measured per codec and level on the ~1 GB dataset's dump and workspace tar in 2 MiB
+blocks: every mix reaching that size through ISA-L (its level 3: 11% larger, for 85% of
+libdeflate 1's CPU) or libdeflate's higher levels cost more CPU (two blocks in three at ISA-L 3
+and one at libdeflate 5: 8.5%, for 26% more CPU). Backups in benchmarks/backup_bench.py.
 
 Everything here moves file objects: where the bytes come from or go (a file, S3, an OpenPGP
 stream) is the caller's business.
@@ -37,9 +40,7 @@ _pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="trusca-gzip"
 
 
 def _compress_block(index: int, data: bytes) -> bytes:
-    if index % 3 == 2:
-        return deflate.gzip_compress(data, 5)
-    return isal_zlib.compress(data, 3, wbits=31)
+    return deflate.gzip_compress(data, 4 if index % 8 == 7 else 1)
 
 
 class HashingWriter:
