@@ -165,12 +165,12 @@ def status_kb(pid: int, field: str) -> int:
     return 0
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int, *, system_only: bool = False) -> float:
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return (int(fields[12]) + (0 if system_only else int(fields[11]))) / os.sysconf("SC_CLK_TCK")
 
 
 def gunicorn_workers(run_pid: int) -> list[int]:
@@ -226,9 +226,11 @@ def one_run(base: str, jar: Path, run_pid: int) -> dict:
     workers = gunicorn_workers(run_pid)
     rss_before = {w: status_kb(w, "VmRSS") for w in workers}
     cpu_before = {w: cpu_seconds(w) for w in workers}
+    sys_before = {w: cpu_seconds(w, system_only=True) for w in workers}
     peaks = dict.fromkeys(workers, 0)
     received_at: list[float] = []
     received_cpu: dict[int, float] = {}
+    received_sys: dict[int, float] = {}
     done = threading.Event()
 
     def sample() -> None:
@@ -239,6 +241,7 @@ def one_run(base: str, jar: Path, run_pid: int) -> dict:
             if not received_at and any((p / "bundle").is_dir() for p in backups.glob(".partial-unpack-*")):
                 received_at.append(time.monotonic())
                 received_cpu.update({w: cpu_seconds(w) for w in workers})
+                received_sys.update({w: cpu_seconds(w, system_only=True) for w in workers})
             time.sleep(0.05)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -285,6 +288,7 @@ def one_run(base: str, jar: Path, run_pid: int) -> dict:
         "curl_total_s": float(curl_total),
         "worker_cpu_s": worker_cpu,
         "receive_cpu_s": received_cpu.get(served, cpu_seconds(served)) - cpu_before[served],
+        "receive_sys_s": received_sys.get(served, cpu_seconds(served, system_only=True)) - sys_before[served],
         "curl_cpu_s": curl_cpu,
         "other_cpu_s": busy - worker_cpu - curl_cpu,
         "cores_s": (answered - started) * os.cpu_count(),
@@ -359,8 +363,9 @@ def main() -> None:
         print(f"{until}   (curl's average: {r['curl_MBps']:.0f})")
         print(f"{'queued restore (worker)':28}{r['restore_s']:>10.2f}   {r['restore']} {r['restore_error']}")
         print(
-            f"receiving cost the gunicorn worker {r['receive_cpu_s']:.1f} CPU-s ({mb / r['receive_cpu_s']:.0f} MB per "
-            f"CPU-s), curl {r['curl_cpu_s']:.1f}; other work on the machine took {r['other_cpu_s']:.1f} of the "
+            f"receiving cost the gunicorn worker {r['receive_cpu_s']:.1f} CPU-s ({r['receive_sys_s']:.1f} in the "
+            f"kernel; {mb / r['receive_cpu_s']:.0f} MB per CPU-s), curl {r['curl_cpu_s']:.1f}; other work on the "
+            f"machine took {r['other_cpu_s']:.1f} of the "
             f"{r['cores_s']:.0f} CPU-s the {os.cpu_count()} cores had until the 202"
         )
         ratio = (mb / r["receive_s"]) / (mb / r["cat_s"])
