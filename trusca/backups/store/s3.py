@@ -9,7 +9,8 @@ completes the upload with whatever was written), and opening one for reading dow
 whole object into a SpooledTemporaryFile before the first byte, in memory with the default
 AWS_S3_MAX_MEMORY_SIZE=0 (+290 MB RSS, 2.5 s) or on disk otherwise. Here an upload is a multipart
 upload fed by ``write()`` with several parts in flight, and a read is ranged GETs a few chunks
-ahead of the reader: memory is bounded by the bytes in flight whatever the size.
+ahead of the reader: memory is bounded by the bytes in flight whatever the size. A download into a
+file (a restore's) needs no buffers: long ranges at once, each written where it belongs.
 
 Integrity: every part goes with its SHA-256, which S3 verifies on receipt (the object's checksum
 is then composite, a checksum of the parts' checksums, never the file's); the file's sha256
