@@ -9,6 +9,9 @@ Per run, the sides alternate order:
 
 - up, ours: ``manage.py offload NAME --no-prune``, the command an operator runs (Django's start-up
   included; the backup is deleted from the bucket first, untimed);
+- up, ours-started: the copy as the product makes it after every backup, ``offload_backup`` in a
+  process already started (the worker's, or ``manage.py backup``'s), its boto3 client made by the
+  copy as the worker's task makes it, timed from the call ("calls");
 - up, aws: ``aws s3 cp --recursive BACKUP_DIR s3://…/reference/NAME/ --storage-class STANDARD_IA``
   (the CLI sends a CRC32 of every part); up, aws-sha256: the same with ``--checksum-algorithm
   SHA256``, the integrity work ours does;
@@ -56,6 +59,19 @@ from dataset import (
 )
 
 TARGET_RSS_MB = 150
+# The copy as the product makes it after every backup: in a process already started (the worker,
+# or manage.py backup) with the modules imported; each copy makes its own boto3 client, as the
+# worker's task does. Timed from the call.
+UP_CHILD = """
+import sys, time
+import django
+django.setup()
+import trusca.backups.store.s3
+from trusca.backups.operations.offload import offload_backup
+started = time.monotonic()
+offload_backup(name=sys.argv[1], actor="bench")
+print(f"transfer {time.monotonic() - started:.3f}", flush=True)
+"""
 DOWN_CHILD = """
 import sys, time
 import django
@@ -106,6 +122,9 @@ def run_side(side: str, direction: str, server, ds: Dataset, source: Path, env: 
     if (side, direction) == ("ours", "up"):
         empty_prefix(server, f"backups/{name}/")
         cmd = [PYTHON, "manage.py", "offload", name, "--no-prune"]
+    elif side == "ours-started":
+        empty_prefix(server, f"backups/{name}/")
+        cmd = [PYTHON, "-c", UP_CHILD, name]
     elif direction == "up":
         empty_prefix(server, f"reference/{name}/")
         cmd = [aws, "s3", "cp", "--recursive", str(source), reference, "--storage-class", "STANDARD_IA", *common]
@@ -176,14 +195,14 @@ def main() -> None:
         bash(f"cat '{source}'/* > /dev/null").check("warm-up read")
         for run in range(args.runs):
             for direction in ("up", "down"):
-                sides = ("ours", "aws", "aws-sha256") if direction == "up" else ("ours", "aws")
+                sides = ("ours", "ours-started", "aws", "aws-sha256") if direction == "up" else ("ours", "aws")
                 for side in sides if run % 2 == 0 else reversed(sides):
                     row = run_side(side, direction, server, ds, source, env)
                     row["run"] = run + 1
                     rows.append(row)
                     calls = f"(calls {row['calls_seconds']:6.1f} s)" if row["calls_seconds"] else " " * 17
                     print(
-                        f"run {run + 1}  {side:<10} {direction:<4}  {row['seconds']:6.1f} s {calls}  "
+                        f"run {run + 1}  {side:<12} {direction:<4}  {row['seconds']:6.1f} s {calls}  "
                         f"{mbps(size, row['seconds']):6.1f} MB/s  RSS {row['rss_kb'] / 1024:6.1f} MB  "
                         f"cpu {row['cpu']:5.1f} s  server cpu {row['server_cpu']:6.1f} s  "
                         f"other {row['other_cpu']:4.1f} s",
@@ -216,6 +235,9 @@ def main() -> None:
         calls = [r["calls_seconds"] for r in rows if (r["side"], r["direction"]) == ("ours", direction)]
         said = f", the store's calls alone {median(calls):.1f} s" if all(calls) else ""
         print(f"  {direction:<4} ours {ours:6.1f} s ({mbps(size, ours):5.1f} MB/s{said}), moto's CPU {server_ours:.1f}")
+        if direction == "up":
+            started_copy = median([r["calls_seconds"] for r in rows if r["side"] == "ours-started"])
+            print(f"       ours, the copy in a started process (the worker's, after a backup) {started_copy:.1f} s")
         for side in ("aws", "aws-sha256") if direction == "up" else ("aws",):
             theirs = median([r["seconds"] for r in rows if (r["side"], r["direction"]) == (side, direction)])
             server = median([r["server_cpu"] for r in rows if (r["side"], r["direction"]) == (side, direction)])
@@ -223,7 +245,9 @@ def main() -> None:
                 f"       {side:<10} {theirs:6.1f} s ({mbps(size, theirs):5.1f} MB/s)   {side}/ours "
                 f"{theirs / ours:4.2f}   moto's CPU {server:.1f}"
             )
-    peak = max(r["rss_kb"] for r in rows if r["side"] == "ours") / 1024
+            if direction == "up":
+                print(f"{'':18}{side}/ours in a started process {theirs / started_copy:4.2f}")
+    peak = max(r["rss_kb"] for r in rows if r["side"].startswith("ours")) / 1024
     print(f"  peak RSS of our Python process: {peak:.1f} MB (target <= {TARGET_RSS_MB} MB)")
     if restores:
         bucket, disk = restores
