@@ -135,18 +135,6 @@ def _b64_sha256(data) -> str:
     return base64.b64encode(hashlib.sha256(data).digest()).decode()
 
 
-def _sign_with_the_checksum(request, **_) -> None:
-    """An upload names its SHA-256 in x-amz-checksum-sha256, a signed header that S3 checks the
-    body against: the body is bound to the signature through it, which is why botocore signs no
-    body over https when a checksum is there. Over http (an S3-compatible store on a private
-    network) botocore would hash every part a third time to sign it: a fifth of a copy's client
-    CPU, measured with benchmarks/offload_bench.py. The same rule is applied there."""
-    if "x-amz-checksum-sha256" in request.headers:
-        config = request.context["client_config"]
-        s3 = {**(config.s3 or {}), "payload_signing_enabled": False}
-        request.context["client_config"] = config.merge(Config(s3=s3))
-
-
 class S3Store(Store):
     location = "s3"
 
@@ -211,8 +199,6 @@ class S3Store(Store):
         with self._client_lock:
             if self._client is None:
                 self._client = self.storage.connection.meta.client
-                for operation in ("UploadPart", "PutObject"):
-                    self._client.meta.events.register(f"before-sign.s3.{operation}", _sign_with_the_checksum)
             return self._client
 
     def release(self) -> None:
