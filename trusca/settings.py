@@ -257,7 +257,8 @@ CELERY_BROKER_CONNECTION_TIMEOUT = 3
 CELERY_TASK_ACKS_LATE = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_IGNORE_RESULT = True
-CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+# django-celery-beat's DatabaseScheduler with a fix (see the class).
+CELERY_BEAT_SCHEDULER = "trusca.backups.schedule:DatabaseScheduler"
 CELERY_TIMEZONE = "UTC"
 
 INSTALLED_APPS = [

@@ -10,6 +10,8 @@ admin (Periodic Tasks), and what beat needs to run them right.
   missed run that django-celery-beat would leave out (see ``_put_back_missed_runs``).
 - ``before_publish(...)`` runs in beat for every task it sends: beat's heartbeat, and the
   nightly task's send time written at once (the worker compares it to tell a duplicate).
+- ``DatabaseScheduler`` is django-celery-beat's, with a due task sent once when its schedule is
+  edited while beat rebuilds its heap (settings.CELERY_BEAT_SCHEDULER names it).
 """
 
 import logging
@@ -20,6 +22,7 @@ from django.conf import settings
 from django.core.cache import cache
 from django.db import DEFAULT_DB_ALIAS, IntegrityError, connections, transaction
 from django.utils import timezone
+from django_celery_beat import schedulers
 from django_celery_beat.models import CrontabSchedule, IntervalSchedule, PeriodicTask, PeriodicTasks
 
 from trusca.backups.models import ScheduleSwitch
@@ -165,17 +168,33 @@ def after_restore() -> None:
 # Beat ------------------------------------------------------------------------------------------
 
 
+class DatabaseScheduler(schedulers.DatabaseScheduler):
+    """django-celery-beat's scheduler, without its double send (django-celery-beat#558).
+
+    Its reserve() gives the sent entry's successor, last run now, to the heap only; the schedule
+    keeps the entry as read, last run before the send. An edit that beat notices inside a tick,
+    after the tick compared schedules and before it rebuilt its heap, leaves the heap marked
+    invalid, so the next tick rebuilds it from the schedule, where the task just sent is still
+    due: beat sent the nightly backup twice 30 ms apart when an edit landed there. The schedule
+    here takes the successor too."""
+
+    def reserve(self, entry):
+        successor = super().reserve(entry)
+        # Only the entry the schedule still holds: one disabled or re-read meanwhile stays out.
+        if self._schedule is not None and self._schedule.get(entry.name) is entry:
+            self._schedule[entry.name] = successor
+        return successor
+
+
 def at_beat_start(scheduler) -> None:
     """Called from beat_init with beat's scheduler, which has already read the table once."""
-    from django_celery_beat.schedulers import DatabaseScheduler
-
     _heartbeat()
 
-    if not isinstance(scheduler, DatabaseScheduler):
+    if not isinstance(scheduler, schedulers.DatabaseScheduler):
         ensure()
         log.error(
             "beat runs %s, not django_celery_beat's DatabaseScheduler: %s and the other backup tasks will not "
-            "run. Start beat with --scheduler django_celery_beat.schedulers:DatabaseScheduler",
+            "run. Start beat with --scheduler trusca.backups.schedule:DatabaseScheduler",
             type(scheduler).__name__,
             DAILY,
         )
