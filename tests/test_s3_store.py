@@ -101,23 +101,31 @@ def test_a_member_of_several_parts_round_trips_with_its_parts_in_flight_together
     together = threading.Barrier(2, timeout=10)
     seen = []
 
+    signers = []
+
     def part_sent(request, **_):
         body = request.body.read()
         request.body.seek(0)
-        seen.append((request.headers["x-amz-checksum-sha256"], hashlib.sha256(body).digest()))
+        seen.append((request.headers["x-amz-checksum-sha256"], request.headers["x-amz-content-sha256"], body))
         if len(seen) <= 2:  # the first two parts must be on the wire at the same time
             with contextlib.suppress(threading.BrokenBarrierError):
                 together.wait()
 
     store.client.meta.events.register("before-send.s3.UploadPart", part_sent)
+    store.client.meta.events.register(
+        "before-sign.s3.UploadPart", lambda signature_version, **_: signers.append(signature_version)
+    )
     write(store, NAME, DUMP, DATA)
     assert not together.broken, "the second part was not sent before the first one finished"
     store.publish(NAME, manifest_bytes({DUMP: DATA}))
 
     head = s3.client().head_object(Bucket=s3.bucket, Key=f"backups/{NAME}/{DUMP}")
     assert head["ETag"].endswith('-4"') and len(seen) == 4
-    # Each part went with its own SHA-256, for S3 to check on receipt.
-    assert all(base64.b64decode(sent) == computed for sent, computed in seen)
+    # Each part went with its own SHA-256, for S3 to check on receipt, and the signature covers
+    # that same SHA-256 (http: the body is signed), hashed once by us and not again by botocore.
+    assert [base64.b64decode(checksum) for checksum, _, _ in seen] == [hashlib.sha256(b).digest() for *_, b in seen]
+    assert [signed.decode() for _, signed, _ in seen] == [sha(body) for *_, body in seen]
+    assert signers == ["trusca-s3v4-part"] * 4
     assert read_all(store, NAME, DUMP) == DATA
 
 

@@ -187,12 +187,12 @@ def _download(remote, name: str, scratch: store.LocalStore, reporter: Reporter) 
     reporter.phase(f"downloading {name}")
     staging = scratch.staging_path(name)
     staging.mkdir()
+
+    def advance(count: int) -> None:
+        counter.add(count)
+        reporter.progress(counter.done, counter.total)
+
     for member, entry in document.files.items():
-
-        def advance(count: int) -> None:
-            counter.add(count)
-            reporter.progress(counter.done, counter.total)
-
         # Not the store's open_write, which syncs every file to disk: this copy lives for one run.
         with open(staging / check_member(member), "x+b") as out:
             remote.download(name, member, out, max_size=entry.size, progress=advance)

@@ -34,6 +34,8 @@ from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import BinaryIO
 
+import botocore.auth
+import botocore.handlers
 from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
@@ -199,6 +201,7 @@ class S3Store(Store):
         with self._client_lock:
             if self._client is None:
                 self._client = self.storage.connection.meta.client
+                self._client.meta.events.register("choose-signer.s3.UploadPart", _choose_part_signer)
             return self._client
 
     def release(self) -> None:
@@ -606,14 +609,14 @@ class _MultipartUpload(Upload):
 
     def _upload_part(self, number: int, buffer: bytearray, filled: int) -> None:
         try:
-            part = memoryview(buffer)[:filled]
-            checksum = _b64_sha256(part)
+            body = _PartBody(memoryview(buffer)[:filled])
+            checksum = base64.b64encode(body.sha256).decode()
             response = self._client.upload_part(
                 Bucket=self._store.bucket,
                 Key=self._key,
                 UploadId=self._upload_id,
                 PartNumber=number,
-                Body=_PartBody(part),
+                Body=body,
                 ChecksumAlgorithm="SHA256",
                 ChecksumSHA256=checksum,
             )
@@ -711,11 +714,13 @@ class _PartBody(io.RawIOBase):
     """A part as a file, not bytes: http.client sends bytes in one ``sendall()``, which Python
     bounds by the socket timeout as a whole (measured: 16 MiB to a 1.3 MB/s reader fails after the
     2 s timeout while bytes flow), so a slow uplink would fail every part; a file goes out block by
-    block, each block bounded on its own. No copy: it reads the part's buffer in place."""
+    block, each block bounded on its own. No copy: it reads the part's buffer in place. Its
+    SHA-256 is hashed once, for the part's checksum and for its signature (``_PartSigner``)."""
 
     def __init__(self, view: memoryview):
         self._view = view
         self._position = 0
+        self.sha256 = hashlib.sha256(view).digest()
 
     def readable(self) -> bool:
         return True
@@ -744,6 +749,36 @@ class _PartBody(io.RawIOBase):
 
     def tell(self) -> int:
         return self._position
+
+
+class _PartSigner(botocore.auth.S3SigV4Auth):
+    """S3's SigV4 signer, with a part's payload hash taken from the part. Without TLS botocore
+    signs every body's SHA-256 (and must: an S3-compatible store may refuse an unsigned one over
+    http), so it read and hashed each part again right after the part was hashed for its
+    x-amz-checksum-sha256: the same digest, hex instead of base64. The signature is the same;
+    everything else, https's unsigned streaming bodies included, is botocore's."""
+
+    def payload(self, request):
+        body = request.body
+        if (
+            isinstance(body, _PartBody)
+            and body.tell() == 0  # botocore hashes from where the body stands
+            and not self._is_streaming_checksum_payload(request)
+            and self._should_sha256_sign_payload(request)
+        ):
+            return body.sha256.hex()
+        return super().payload(request)
+
+
+_PART_SIGNER = "trusca-s3v4-part"
+botocore.auth.AUTH_TYPE_MAPS.setdefault(_PART_SIGNER, _PartSigner)
+
+
+def _choose_part_signer(**kwargs):
+    """UploadPart's signer: botocore's choice (its own choose-signer handler, which this more
+    specific one runs before and stands in for), with ours for its S3 SigV4."""
+    chosen = botocore.handlers.set_operation_specific_signer(**kwargs)
+    return _PART_SIGNER if chosen == "s3v4" else chosen
 
 
 class _RangedReader(io.RawIOBase):
