@@ -2,15 +2,18 @@
 the copy after a backup, its failures and retries, where the list says a backup lives, restore
 from the bucket, the catalog rebuilt from it, and retention in the bucket."""
 
+import contextlib
 import hashlib
 import io
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -25,6 +28,7 @@ from django.utils import timezone
 
 from tests.helpers import subprocess_env, tree
 from tests.integration import worker
+from tests.test_interruptions import STOP_WITHIN_SECONDS, big_workspace, interrupt, start, wait_for
 from tests.test_restore_command import change_everything, live_state
 from trusca.backups import manifest, operations, store, tasks
 from trusca.backups.models import Backup
@@ -176,7 +180,8 @@ def test_a_copy_killed_midway_is_never_listed_and_the_next_copy_starts_clean(dem
         [sys.executable, "manage.py", "offload", name], cwd=settings.BASE_DIR, env=env, capture_output=True, check=False
     )
     assert killed.returncode == -9
-    assert len(objects(s3)) == 1, "one file was sent before the kill"
+    sent = set(objects(s3))
+    assert sent and f"backups/{name}/manifest.json" not in sent, "files went before the kill, the manifest did not"
     assert store.remote().names() == {}, "without its manifest the bucket does not list it"
     assert row(name).offsite == "copying"
     err = io.StringIO()
@@ -184,7 +189,7 @@ def test_a_copy_killed_midway_is_never_listed_and_the_next_copy_starts_clean(dem
         call_command("offload", name, stdout=io.StringIO(), stderr=err)
     assert f"{name} is already being copied" in err.getvalue()
     operations.offsite_prune()
-    assert len(objects(s3)) == 1, "the bucket's tidying never touches a copy that may be alive"
+    assert set(objects(s3)) == sent, "the bucket's tidying never touches a copy that may be alive"
 
     settings.BACKUP_STALE_SECONDS = 1
     time.sleep(1.1)
@@ -195,6 +200,39 @@ def test_a_copy_killed_midway_is_never_listed_and_the_next_copy_starts_clean(dem
     run("offload", name)
     assert sorted(objects(s3)) == sorted(f"backups/{name}/{f.name}" for f in store.local().path(name).iterdir())
     assert uploads(s3) == []
+
+
+def test_the_files_of_a_backup_go_to_the_bucket_at_once(demo, s3):
+    name, _, _ = backup("--no-offload")
+    remote = store.remote()
+    together = threading.Barrier(2, timeout=10)
+
+    def file_sent(request, **_):
+        if not request.url.endswith(manifest.MANIFEST):
+            with contextlib.suppress(threading.BrokenBarrierError):
+                together.wait()  # both files on the wire at the same time
+
+    remote.client.meta.events.register("before-send.s3.PutObject", file_sent)
+    operations.offload_backup(name=name, remote=remote)
+    assert not together.broken, "the second file was not sent before the first one was in the bucket"
+    assert remote.names() == {name: sum(f.stat().st_size for f in store.local().path(name).iterdir())}
+
+
+def test_an_interrupted_copy_stops_every_file_and_is_never_listed(demo, s3):
+    big_workspace(96)
+    name, _, _ = backup("--no-offload")
+    proc = start("offload", name)
+    wait_for(lambda: uploads(s3), proc, "the archive's multipart upload")
+    out, err, took = interrupt(proc, signal.SIGINT)
+    assert proc.returncode == 130 and took < STOP_WITHIN_SECONDS
+    assert err.strip().splitlines()[-1] == (
+        "Copy interrupted: the backups on this host are untouched; the unfinished copy is not listed in the bucket."
+    )
+    assert "Traceback" not in out + err
+    assert store.remote().names() == {}
+    assert uploads(s3) == [], "every file's upload was aborted"
+    run("offload", name)  # the next copy starts at once, from a clean slate
+    assert sorted(objects(s3)) == sorted(f"backups/{name}/{f.name}" for f in store.local().path(name).iterdir())
 
 
 def test_a_file_damaged_on_this_disk_is_never_copied(demo, s3):

@@ -11,6 +11,7 @@ import socket
 import threading
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
 import pytest
@@ -20,7 +21,14 @@ from django.core.exceptions import ImproperlyConfigured
 from trusca.backups import manifest
 from trusca.backups.errors import NotFound, OperationFailed
 from trusca.backups.naming import parse_name
-from trusca.backups.store.s3 import OffsiteCorrupt, OffsiteError, OffsiteUnavailable, S3Store, configured
+from trusca.backups.store.s3 import (
+    IN_FLIGHT_BYTES,
+    OffsiteCorrupt,
+    OffsiteError,
+    OffsiteUnavailable,
+    S3Store,
+    configured,
+)
 
 pytest_plugins = ["tests.s3server"]  # the s3 and s3_server fixtures
 
@@ -127,6 +135,28 @@ def test_a_member_of_several_parts_round_trips_with_its_parts_in_flight_together
     assert [signed.decode() for _, signed, _ in seen] == [sha(body) for *_, body in seen]
     assert signers == ["trusca-s3v4-part"] * 4
     assert read_all(store, NAME, DUMP) == DATA
+
+
+def test_uploads_at_once_share_their_stores_part_buffers_and_give_them_up_after(s3):
+    store = small_parts()
+    buffers = store.part_buffers
+    made = []
+    take = buffers.take
+
+    def counted(size: int) -> bytearray:
+        buffer = take(size)
+        made.append(buffers._made)
+        return buffer
+
+    buffers.take = counted
+    files = {DUMP: DATA, ARCHIVE: DATA[::-1]}
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda member: write(store, NAME, member, files[member]), files))
+    assert len(made) >= 8
+    assert max(made) <= IN_FLIGHT_BYTES + 5 * MiB, "two uploads hold what one may"
+    assert buffers._made == 0, "nothing kept once no upload is in progress"
+    store.publish(NAME, manifest_bytes(files))
+    assert all(read_all(store, NAME, member) == data for member, data in files.items())
 
 
 def test_every_object_carries_the_storage_class_and_the_files_sha256(s3):

@@ -27,7 +27,6 @@ import hashlib
 import io
 import logging
 import os
-import queue
 import re
 import threading
 from concurrent import futures
@@ -69,9 +68,9 @@ MiB = 1024 * 1024
 PART_SIZE = 5 * MiB
 MAX_PARTS = 10_000
 # Parts being sent at once are bounded by their bytes (at least one part): with the part being
-# filled, an upload holds ~35 MiB, and the ~90 MB a worker process holds before it (Django, a
-# boto3 client) stay under the 150 MB budget.
-IN_FLIGHT_BYTES = 30 * MiB
+# filled, a copy's uploads hold ~35 MiB between them (they share their store's buffers), and the
+# ~90 MB a worker process holds before it (Django, a boto3 client) stay under the 150 MB budget.
+IN_FLIGHT_BYTES = 25 * MiB
 READ_CHUNK = 8 * MiB
 # Two 8 MiB reads ahead: a download of the ~1 GB dataset's backup peaked at 141 MB with two,
 # 159 MB with three (over the 150 MB budget) and 178 MB with four, at the same speed (10.9 s
@@ -190,6 +189,8 @@ class S3Store(Store):
         )
         self._client = None
         self._client_lock = threading.Lock()
+        # Shared by the uploads in progress (a copy sends its files at once).
+        self.part_buffers = _Buffers(IN_FLIGHT_BYTES)
 
     def __repr__(self) -> str:
         return f"<S3Store s3://{self.bucket}/{self.prefix}>"
@@ -518,31 +519,48 @@ def _network_reason(exc: Exception, timeouts: tuple[float, float]) -> str:
 class _Buffers:
     """Part-sized buffers, made once and handed round: a fresh allocation per 8 MiB part lets
     glibc's per-thread arenas keep 50-70 MB more resident (measured on 256 MiB each way).
-    ``in_flight`` bytes of them may be away at once, plus the one being filled or read."""
+    ``in_flight`` bytes of them may be away at once, plus the one being filled or read, whoever
+    takes them: the uploads of one copy share their store's, so two files sent at once hold what
+    one did. A free buffer of another size (parts grow past 2,000) is dropped when one is needed.
+    Nobody waits for one holding another: a part's buffer is given back once it is sent or failed."""
 
     def __init__(self, in_flight: int):
         self.in_flight = in_flight
-        self.size = 0
-        self._made = 0
-        self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+        self._made = 0  # bytes, in use or free
+        self._free: list[bytearray] = []
+        self._users = 0
+        self._changed = threading.Condition()
 
     def take(self, size: int) -> bytearray:
-        if size != self.size:  # parts grew: the smaller buffers are dropped as they come back
-            self.size, self._made = size, 0
-        limit = max(1, self.in_flight // size) + 1
-        while True:
-            try:
-                buffer = self._free.get_nowait()
-            except queue.Empty:
-                if self._made < limit:
-                    self._made += 1
+        with self._changed:
+            while True:
+                for index, buffer in enumerate(self._free):
+                    if len(buffer) == size:
+                        return self._free.pop(index)
+                if self._made <= self.in_flight:
+                    self._made += size
                     return bytearray(size)
-                buffer = self._free.get()  # one comes back when a part is sent (or fails)
-            if len(buffer) == size:
-                return buffer
+                if self._free:
+                    self._made -= len(self._free.pop())
+                else:
+                    self._changed.wait()  # one comes back when a part is sent (or fails)
 
     def give_back(self, buffer: bytearray) -> None:
-        self._free.put(buffer)
+        with self._changed:
+            self._free.append(buffer)
+            self._changed.notify()
+
+    def join(self) -> None:
+        with self._changed:
+            self._users += 1
+
+    def leave(self) -> None:
+        """The last user gone, the free buffers go (the ~35 MiB are not kept between copies)."""
+        with self._changed:
+            self._users -= 1
+            if not self._users:
+                self._made -= sum(len(buffer) for buffer in self._free)
+                self._free.clear()
 
 
 class _MultipartUpload(Upload):
@@ -561,7 +579,8 @@ class _MultipartUpload(Upload):
         self._next_part = 1
         self._sending: list[Future] = []
         self._failure: BaseException | None = None
-        self._buffers = _Buffers(IN_FLIGHT_BYTES)
+        self._buffers = store.part_buffers
+        self._buffers.join()
         self._pool = ThreadPoolExecutor(
             max_workers=max(1, IN_FLIGHT_BYTES // store.part_size), thread_name_prefix="trusca-s3-put"
         )
@@ -700,8 +719,10 @@ class _MultipartUpload(Upload):
 
     def _stop(self) -> None:
         self._pool.shutdown(wait=True)
-        self._part = None
-        self._buffers = _Buffers(IN_FLIGHT_BYTES)  # the used ones go
+        if self._part is not None:
+            self._buffers.give_back(self._part)
+            self._part = None
+        self._buffers.leave()
 
     def __del__(self) -> None:
         # io's finalizer would close(), which completes: an upload nobody closed is unfinished,
