@@ -68,7 +68,7 @@ MiB = 1024 * 1024
 PART_SIZE = 5 * MiB
 MAX_PARTS = 10_000
 # Parts being sent at once are bounded by their bytes (at least one part): with the part being
-# filled, a copy's uploads hold ~35 MiB between them (they share their store's buffers), and the
+# filled, a copy's uploads hold ~30 MiB between them (they share their store's buffers), and the
 # ~90 MB a worker process holds before it (Django, a boto3 client) stay under the 150 MB budget.
 IN_FLIGHT_BYTES = 25 * MiB
 READ_CHUNK = 8 * MiB
