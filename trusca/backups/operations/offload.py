@@ -352,10 +352,8 @@ def _send_all(remote, name: str, files: dict, opened: dict, counter: Counter, lo
     try:
         for sending in [pool.submit(send, member, entry) for member, entry in files.items()]:
             sending.result()
-    except BaseException:
-        stop.set()  # interrupted while waiting
-        raise
     finally:
+        stop.set()  # interrupted while waiting: the files stop at their next chunk
         pool.shutdown(wait=True)
     if failures:
         raise failures[0]

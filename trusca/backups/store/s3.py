@@ -555,7 +555,7 @@ class _Buffers:
             self._users += 1
 
     def leave(self) -> None:
-        """The last user gone, the free buffers go (the ~35 MiB are not kept between copies)."""
+        """The last user gone, the free buffers go (the ~30 MiB are not kept between copies)."""
         with self._changed:
             self._users -= 1
             if not self._users:
